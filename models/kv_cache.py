@@ -1,0 +1,55 @@
+"""Fixed-capacity key/value cache for batched decoding.
+
+Slot t of a row holds the key/value of that row's token at position t, so a
+row's cache is valid up to its current position and causal masking by position
+is all the masking decoding needs: slots beyond a query's position are never
+attended, whatever they hold (prompt padding, stale values, zeros).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys and values of every layer.
+
+  Attributes:
+    k_LBTKD: keys [layers, batch, capacity, kv_heads, head_dim].
+    v_LBTKD: values, same shape.
+  """
+
+  k_LBTKD: jax.Array
+  v_LBTKD: jax.Array
+
+  @classmethod
+  def zeros(cls, *, num_layers: int, batch: int, capacity: int, num_kv_heads: int,
+            head_dim: int, dtype) -> "KVCache":
+    shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+  @property
+  def capacity(self) -> int:
+    return self.k_LBTKD.shape[2]
+
+  def kv_positions_BT(self) -> jax.Array:
+    """Position of each slot, [batch, capacity]."""
+    _, b, t, _, _ = self.k_LBTKD.shape
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+def write(cache_BTKD: jax.Array, new_BSKD: jax.Array, positions_BS: jax.Array) -> jax.Array:
+  """Writes new keys (or values) of each row at the slots named by their positions.
+
+  Positions at or past the capacity are dropped rather than clamped, so an
+  overflowing write can never overwrite the last slot.
+  """
+  b = cache_BTKD.shape[0]
+  rows_BS = jnp.broadcast_to(jnp.arange(b)[:, None], positions_BS.shape)
+  return cache_BTKD.at[rows_BS, positions_BS].set(
+      new_BSKD.astype(cache_BTKD.dtype), mode="drop")

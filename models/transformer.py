@@ -1,0 +1,336 @@
+"""Dense decoder-only transformer in the Llama / Qwen2 / Qwen3 family (Flax NNX).
+
+    model = Transformer(Config(...), rngs=nnx.Rngs(0))
+    logits_BSV, aux = model(tokens_BS)                         # training / scoring
+    logits_BSV, cache = model.forward_cached(tokens_BS, positions_BS, cache)  # decoding
+
+Layers are stored stacked (every parameter of the blocks has a leading `layers`
+axis), so they can run either as an unrolled Python loop or, with
+`Config.scan_layers`, as one `lax.scan` whose compile time does not grow with
+depth. `aux` is a dict adaptive variants fill with routing statistics and
+auxiliary losses; the dense model returns it empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels.attention import IMPLS as ATTENTION_IMPLS
+from kernels.attention import attention
+from models import kv_cache as kv_cache_lib
+from models.layers import MLP, DenseGeneral, RMSNorm, apply_rope, param
+from models.layers import prefix_logical_axes, rope_inverse_frequencies
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Architecture and numerics of a decoder transformer.
+
+  Attributes:
+    vocab_size: number of token ids.
+    dim: model width (residual stream size).
+    num_layers: decoder blocks.
+    num_heads: query heads.
+    num_kv_heads: key/value heads; num_heads must be a multiple (GQA; 1 = MQA).
+    head_dim: size of each head.
+    mlp_dim: hidden size of the SwiGLU MLP.
+    rope_theta: RoPE base.
+    rope_scaling: None or a Hugging Face style dict ({"rope_type": "linear" |
+      "llama3", "factor": ..., ...}).
+    norm_eps: RMSNorm epsilon.
+    tie_embeddings: LM head shares the embedding matrix.
+    qkv_bias: biases on the q/k/v projections (Qwen2).
+    qk_norm: RMSNorm over head_dim on queries and keys before RoPE (Qwen3).
+    sliding_window: if set, every layer attends to at most this many tokens back.
+    dtype: compute dtype name ("float32", "bfloat16", "float16").
+    param_dtype: parameter storage dtype name.
+    remat: activation checkpointing per block: one of REMAT_POLICIES.
+    scan_layers: run the blocks as one lax.scan (flat compile time in depth).
+    attention_impl: passed to kernels.attention ("auto", "xla", ...).
+  """
+
+  vocab_size: int = 256
+  dim: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 64
+  mlp_dim: int = 768
+  rope_theta: float = 10_000.0
+  rope_scaling: dict[str, Any] | None = None
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  sliding_window: int | None = None
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+  scan_layers: bool = False
+  attention_impl: str = "auto"
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self) -> None:
+    """Raises ValueError naming the first bad field and what is allowed."""
+    for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "mlp_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"model.{name}={value!r}: must be a positive integer")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"model.num_heads={self.num_heads} must be a multiple of "
+          f"model.num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"model.head_dim={self.head_dim}: must be even for RoPE")
+    if not self.rope_theta > 0:
+      raise ValueError(f"model.rope_theta={self.rope_theta!r}: must be > 0")
+    if not 0 < self.norm_eps < 1:
+      raise ValueError(f"model.norm_eps={self.norm_eps!r}: must be in (0, 1)")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"model.{name}={getattr(self, name)!r}; allowed: {sorted(DTYPES)}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat={self.remat!r}; allowed: {sorted(REMAT_POLICIES)}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(
+          f"model.attention_impl={self.attention_impl!r}; allowed: {ATTENTION_IMPLS}")
+    if self.sliding_window is not None and (
+        not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+      raise ValueError(
+          f"model.sliding_window={self.sliding_window!r}: must be None or a positive integer")
+    if self.rope_scaling is not None:
+      # Evaluating the frequencies checks the type and required keys.
+      try:
+        rope_inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+      except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"model.rope_scaling={self.rope_scaling!r}: {e}") from None
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  def replace(self, **changes) -> "Config":
+    return dataclasses.replace(self, **changes)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE, optional QKV bias and q/k norm."""
+
+  def __init__(self, config: Config, *, rngs: nnx.Rngs):
+    c = config
+    kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype, rngs=rngs)
+    self.q_proj = DenseGeneral((c.dim,), (c.num_heads, c.head_dim), in_axes=("embed",),
+                               out_axes=("q_heads", "head_dim"), use_bias=c.qkv_bias, **kw)
+    self.k_proj = DenseGeneral((c.dim,), (c.num_kv_heads, c.head_dim), in_axes=("embed",),
+                               out_axes=("kv_heads", "head_dim"), use_bias=c.qkv_bias, **kw)
+    self.v_proj = DenseGeneral((c.dim,), (c.num_kv_heads, c.head_dim), in_axes=("embed",),
+                               out_axes=("kv_heads", "head_dim"), use_bias=c.qkv_bias, **kw)
+    self.o_proj = DenseGeneral((c.num_heads, c.head_dim), (c.dim,),
+                               in_axes=("q_heads", "head_dim"), out_axes=("embed",),
+                               use_bias=False, **kw)
+    if c.qk_norm:
+      norm_kw = dict(eps=c.norm_eps, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
+                     logical_axis="head_dim", rngs=rngs)
+      self.q_norm = RMSNorm(c.head_dim, **norm_kw)
+      self.k_norm = RMSNorm(c.head_dim, **norm_kw)
+    else:
+      self.q_norm = self.k_norm = None
+    self.config = config
+
+  def project_qkv(self, x_BSD: jax.Array, positions_BS: jax.Array):
+    """Queries [B,S,H,D] and keys/values [B,S,K,D] with RoPE applied at `positions_BS`."""
+    c = self.config
+    q_BSHD, k_BSKD, v_BSKD = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+    if self.q_norm is not None:
+      q_BSHD, k_BSKD = self.q_norm(q_BSHD), self.k_norm(k_BSKD)
+    inv_freq = rope_inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+    return (apply_rope(q_BSHD, positions_BS, inv_freq),
+            apply_rope(k_BSKD, positions_BS, inv_freq), v_BSKD)
+
+  def __call__(self, x_BSD, positions_BS, segment_ids_BS, cache_kv=None):
+    """Self-attention; with `cache_kv=(k_BTKD, v_BTKD)` attends over the cache.
+
+    The new keys/values are first written into the cache at their positions, so
+    the returned cache holds them too. Returns (out_BSD, new cache_kv or None).
+    """
+    c = self.config
+    q_BSHD, k_BSKD, v_BSKD = self.project_qkv(x_BSD, positions_BS)
+    if cache_kv is None:
+      out_BSHD = attention(q_BSHD, k_BSKD, v_BSKD, causal=True, segment_ids=segment_ids_BS,
+                           positions=positions_BS, sliding_window=c.sliding_window,
+                           impl=c.attention_impl)
+    else:
+      k_BTKD = kv_cache_lib.write(cache_kv[0], k_BSKD, positions_BS)
+      v_BTKD = kv_cache_lib.write(cache_kv[1], v_BSKD, positions_BS)
+      b, t = k_BTKD.shape[:2]
+      kv_positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      out_BSHD = attention(q_BSHD, k_BTKD.astype(q_BSHD.dtype), v_BTKD.astype(q_BSHD.dtype),
+                           causal=True, positions=positions_BS, kv_positions=kv_positions_BT,
+                           sliding_window=c.sliding_window, impl=c.attention_impl)
+      cache_kv = (k_BTKD, v_BTKD)
+    return self.o_proj(out_BSHD), cache_kv
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x + attn(norm(x)); x + mlp(norm(x))."""
+
+  def __init__(self, config: Config, *, rngs: nnx.Rngs):
+    c = config
+    norm_kw = dict(eps=c.norm_eps, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
+                   logical_axis="embed", rngs=rngs)
+    self.attn_norm = RMSNorm(c.dim, **norm_kw)
+    self.attn = Attention(c, rngs=rngs)
+    self.mlp_norm = RMSNorm(c.dim, **norm_kw)
+    self.mlp = MLP(c.dim, c.mlp_dim, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
+                   rngs=rngs)
+
+  def __call__(self, x_BSD, positions_BS, segment_ids_BS, cache_kv=None):
+    attn_out, cache_kv = self.attn(self.attn_norm(x_BSD), positions_BS, segment_ids_BS, cache_kv)
+    x_BSD = x_BSD + attn_out
+    x_BSD = x_BSD + self.mlp(self.mlp_norm(x_BSD))
+    return x_BSD, cache_kv
+
+
+def positions_from_segments(segment_ids_BS: jax.Array) -> jax.Array:
+  """Positions that restart at 0 at the start of every segment, [B, S] int32."""
+  s = segment_ids_BS.shape[1]
+  index_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), segment_ids_BS.shape)
+  is_start_BS = jnp.concatenate(
+      [jnp.ones_like(segment_ids_BS[:, :1], bool),
+       segment_ids_BS[:, 1:] != segment_ids_BS[:, :-1]], axis=1)
+  start_BS = jax.lax.cummax(jnp.where(is_start_BS, index_BS, 0), axis=1)
+  return index_BS - start_BS
+
+
+def stacked_blocks(config: Config, num: int, rngs: nnx.Rngs, block_cls=Block) -> nnx.Module:
+  """`num` blocks whose parameters are stacked along a leading `layers` axis."""
+
+  @nnx.split_rngs(splits=num)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def create(rngs):
+    return block_cls(config, rngs=rngs)
+
+  blocks = create(rngs)
+  prefix_logical_axes(blocks, "layers")
+  return blocks
+
+
+class Transformer(nnx.Module):
+  """Decoder-only language model. See the module docstring for the calls."""
+
+  def __init__(self, config: Config, *, rngs: nnx.Rngs):
+    c = config
+    self.config = config
+    embed_std = c.dim ** -0.5 if c.tie_embeddings else 1.0
+    self.embed = param(rngs, nnx.initializers.normal(embed_std), (c.vocab_size, c.dim),
+                       c.weight_dtype, ("vocab", "embed"))
+    self.layers = stacked_blocks(c, c.num_layers, rngs)
+    self.final_norm = RMSNorm(c.dim, eps=c.norm_eps, dtype=c.compute_dtype,
+                              param_dtype=c.weight_dtype, logical_axis="embed", rngs=rngs)
+    self.lm_head = None if c.tie_embeddings else DenseGeneral(
+        (c.dim,), (c.vocab_size,), in_axes=("embed",), out_axes=("vocab",), use_bias=False,
+        dtype=c.compute_dtype, param_dtype=c.weight_dtype, rngs=rngs)
+
+  # -- pieces, public so adaptive variants and early-exit heads can reuse them --
+
+  def embed_tokens(self, tokens_BS: jax.Array) -> jax.Array:
+    return jnp.take(self.embed[...], tokens_BS, axis=0).astype(self.config.compute_dtype)
+
+  def logits_from_hidden(self, x_BSD: jax.Array) -> jax.Array:
+    """Final norm + LM head; float32 logits [B, S, V]."""
+    h_BSD = self.final_norm(x_BSD)
+    if self.lm_head is None:
+      w_VD = self.embed[...].astype(self.config.compute_dtype)
+      return jnp.einsum("bsd,vd->bsv", h_BSD, w_VD, preferred_element_type=jnp.float32)
+    w_DV = self.lm_head.kernel[...].astype(self.config.compute_dtype)
+    return jnp.einsum("bsd,dv->bsv", h_BSD, w_DV, preferred_element_type=jnp.float32)
+
+  def run_layers(self, x_BSD, positions_BS, segment_ids_BS, cache: kv_cache_lib.KVCache | None):
+    """Runs every block; returns (x_BSD, updated cache or None)."""
+    c = self.config
+    graphdef, state = nnx.split(self.layers)
+
+    def body(carry, layer):
+      x, cache_k, cache_v = carry
+      layer_state, index = layer
+      block = nnx.merge(graphdef, layer_state)
+      layer_kv = None if cache_k is None else (cache_k[index], cache_v[index])
+      x, layer_kv = block(x, positions_BS, segment_ids_BS, layer_kv)
+      if layer_kv is not None:
+        cache_k = jax.lax.dynamic_update_index_in_dim(cache_k, layer_kv[0], index, 0)
+        cache_v = jax.lax.dynamic_update_index_in_dim(cache_v, layer_kv[1], index, 0)
+      return (x, cache_k, cache_v), None
+
+    if c.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+    carry = (x_BSD, None, None) if cache is None else (x_BSD, cache.k_LBTKD, cache.v_LBTKD)
+    if c.scan_layers:
+      carry, _ = jax.lax.scan(body, carry, (state, jnp.arange(c.num_layers)))
+    else:
+      for i in range(c.num_layers):
+        carry, _ = body(carry, (jax.tree.map(lambda a, i=i: a[i], state), i))
+    x_BSD, cache_k, cache_v = carry
+    return x_BSD, (None if cache is None else kv_cache_lib.KVCache(cache_k, cache_v))
+
+  # -- entry points --
+
+  def __call__(self, tokens_BS: jax.Array, positions_BS: jax.Array | None = None,
+               segment_ids_BS: jax.Array | None = None):
+    """Teacher-forced forward pass.
+
+    Args:
+      tokens_BS: int token ids [B, S].
+      positions_BS: int positions [B, S]; default 0..S-1, restarting at every
+        segment when `segment_ids_BS` is given.
+      segment_ids_BS: int [B, S]; tokens attend only within their segment
+        (packed sequences).
+
+    Returns:
+      (logits_BSV float32, aux dict) — aux is empty for the dense model.
+    """
+    tokens_BS = jnp.asarray(tokens_BS)
+    if positions_BS is None:
+      if segment_ids_BS is None:
+        b, s = tokens_BS.shape
+        positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+      else:
+        positions_BS = positions_from_segments(segment_ids_BS)
+    x_BSD, _ = self.run_layers(self.embed_tokens(tokens_BS), positions_BS, segment_ids_BS, None)
+    return self.logits_from_hidden(x_BSD), {}
+
+  def init_cache(self, batch: int, capacity: int, dtype=None) -> kv_cache_lib.KVCache:
+    """An empty cache for `batch` rows of up to `capacity` positions."""
+    c = self.config
+    return kv_cache_lib.KVCache.zeros(
+        num_layers=c.num_layers, batch=batch, capacity=capacity, num_kv_heads=c.num_kv_heads,
+        head_dim=c.head_dim, dtype=dtype or c.compute_dtype)
+
+  def forward_cached(self, tokens_BS: jax.Array, positions_BS: jax.Array,
+                     cache: kv_cache_lib.KVCache):
+    """Forward pass that reads and extends a KV cache (prefill or decode step).
+
+    Token s of row b is written at cache slot positions_BS[b, s] and attends to
+    every slot at or before its position. Returns (logits_BSV, new cache).
+    """
+    x_BSD, cache = self.run_layers(self.embed_tokens(tokens_BS), positions_BS, None, cache)
+    return self.logits_from_hidden(x_BSD), cache
