@@ -59,3 +59,15 @@ def dense_forward_flops(config: Any, batch: int, seq_len: int) -> float:
 def dense_train_flops(config: Any, batch: int, seq_len: int) -> float:
   """Training (forward + backward) FLOPs of one dense step on [batch, seq_len]."""
   return TRAIN_MULTIPLIER * dense_forward_flops(config, batch, seq_len)
+
+
+def executed_train_flops(config: Any, batch: int, seq_len: int,
+                         metrics: dict[str, float] | None = None) -> float:
+  """Training FLOPs the model actually executes on one [batch, seq_len] step.
+
+  `metrics` are the scalar routing statistics the model reported in
+  `aux["metrics"]` (realised skip fractions and the like); adaptive variants
+  use them, the dense model ignores them.
+  """
+  del metrics  # The dense model executes every layer on every token.
+  return dense_train_flops(config, batch, seq_len)
