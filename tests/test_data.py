@@ -244,9 +244,11 @@ def test_resume_is_exact_generated_and_eval():
     _resume_matches(config(prefetch=2), k=3, n=4, split="eval", seq_len=64)
 
 
-def test_resume_is_exact_with_worker_processes(corpus):
+@pytest.mark.parametrize("num_workers", [
+    1, pytest.param(2, marks=pytest.mark.slow)])  # spawning a worker costs seconds
+def test_resume_is_exact_with_worker_processes(corpus, num_workers):
     _, data = corpus
-    data = config(source=data.source, eval_examples=8, num_workers=2)
+    data = config(source=data.source, eval_examples=8, num_workers=num_workers)
     _resume_matches(data, k=5, n=6)
 
 

@@ -61,7 +61,8 @@ class GeneratedTexts(Sequence):
         train_k = [len(range(k, num_train, num_tasks)) for k in range(num_tasks)]
         eval_k = [len(range(k, num_eval, num_tasks)) for k in range(num_tasks)]
         self._datasets = [
-            reasoning_gym.create_dataset(name, seed=corpus_seed, size=train_k[k] + eval_k[k])
+            reasoning_gym.create_dataset(name, seed=corpus_seed,
+                                         size=max(1, train_k[k] + eval_k[k]))
             for k, name in enumerate(self.tasks)
         ]
         self._offsets = [0] * num_tasks if split == "train" else train_k
