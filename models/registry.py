@@ -13,10 +13,11 @@ from typing import Any, Mapping
 
 from flax import nnx
 
-from models import transformer
+from models import mod, transformer
 
 MODELS: dict[str, tuple[type, type]] = {
     "dense": (transformer.Config, transformer.Transformer),
+    "mod": (mod.Config, mod.MoDTransformer),
 }
 
 

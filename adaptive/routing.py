@@ -1,0 +1,149 @@
+"""Per-token routing with static shapes: expert-choice top-k, threshold routing, router losses.
+
+Mixture-of-Depths (Raposo et al. 2024) routes, in each routed block, the k tokens
+of a row with the largest router weight through the block and lets the others
+pass unchanged. k is fixed before compiling (`capacity_k`), so every shape is
+static. Top-k is over the whole row, whatever the segments of a packed row are
+("document choice"): a packed row is one sequence to the router.
+
+Top-k is non-causal (whether token t is in the top-k depends on later tokens),
+so decoding routes each token on its own with a threshold instead: either the
+router's own logit (route iff σ(r) > 0.5, trained with `router_bce_loss` against
+top-k membership) or a small MLP predictor on stop_gradient(x) trained with the
+same target (`predictor_logits`, `predictor_init`).
+
+Shapes: B batch, S sequence, K selected tokens per row (static), D width,
+H predictor hidden size. Plain JAX; nothing here imports `models`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+def capacity_k(capacity: float, seq_len: int) -> int:
+  """Static number of tokens per row routed through a block: round(capacity·S), in [1, S]."""
+  if not 0 < capacity <= 1:
+    raise ValueError(f"capacity={capacity!r}: must be in (0, 1]")
+  return int(min(seq_len, max(1, math.floor(capacity * seq_len + 0.5))))
+
+
+class Selection(NamedTuple):
+  """The k tokens of each row that a routed block processes.
+
+  Attributes:
+    indices_BK: int32 indices into the row, ascending (original order).
+    mask_BS: bool, True at selected tokens (top-k membership).
+    positions_BK: original positions of the selected tokens.
+    segment_ids_BK: segment ids of the selected tokens, or None.
+  """
+
+  indices_BK: jax.Array
+  mask_BS: jax.Array
+  positions_BK: jax.Array
+  segment_ids_BK: jax.Array | None
+
+
+def top_k_indices(scores_BS: jax.Array, k: int) -> jax.Array:
+  """Indices [B, k] of the k largest scores of each row, sorted by position (int32).
+
+  Ties go to the earlier position. No gradient flows through the choice.
+  """
+  _, idx_BK = jax.lax.top_k(jax.lax.stop_gradient(scores_BS), k)
+  return jnp.sort(idx_BK, axis=-1).astype(jnp.int32)
+
+
+def gather_tokens(x_BS_: jax.Array, indices_BK: jax.Array) -> jax.Array:
+  """x[b, indices[b, k], ...] -> [B, K, ...]."""
+  return jnp.take_along_axis(
+      x_BS_, indices_BK.reshape(indices_BK.shape + (1,) * (x_BS_.ndim - 2)), axis=1)
+
+
+def scatter_tokens(x_BS_: jax.Array, updates_BK_: jax.Array, indices_BK: jax.Array) -> jax.Array:
+  """x with rows indices[b, k] replaced by updates[b, k] (the inverse of `gather_tokens`)."""
+  rows_BK = jnp.broadcast_to(jnp.arange(x_BS_.shape[0])[:, None], indices_BK.shape)
+  return x_BS_.at[rows_BK, indices_BK].set(updates_BK_.astype(x_BS_.dtype),
+                                           unique_indices=True)
+
+
+def membership_mask(indices_BK: jax.Array, seq_len: int) -> jax.Array:
+  """Bool [B, S]: True at the given indices."""
+  b = indices_BK.shape[0]
+  rows_BK = jnp.broadcast_to(jnp.arange(b)[:, None], indices_BK.shape)
+  return jnp.zeros((b, seq_len), bool).at[rows_BK, indices_BK].set(True)
+
+
+def expert_choice(scores_BS: jax.Array, k: int, positions_BS: jax.Array,
+                  segment_ids_BS: jax.Array | None = None) -> Selection:
+  """Expert-choice top-k over each row, with the selected tokens' positions and segments."""
+  indices_BK = top_k_indices(scores_BS, k)
+  return Selection(
+      indices_BK=indices_BK,
+      mask_BS=membership_mask(indices_BK, scores_BS.shape[1]),
+      positions_BK=gather_tokens(positions_BS, indices_BK),
+      segment_ids_BK=None if segment_ids_BS is None else gather_tokens(segment_ids_BS,
+                                                                      indices_BK))
+
+
+def threshold_route(logits_BS: jax.Array) -> jax.Array:
+  """Token-choice decision for decoding: σ(logit) > 0.5, i.e. logit > 0 (bool)."""
+  return logits_BS > 0
+
+
+def bce_with_logits(logits: jax.Array, targets: jax.Array,
+                    weights: jax.Array | None = None) -> jax.Array:
+  """Mean binary cross-entropy of float32 logits against {0, 1} targets (optionally weighted)."""
+  logits = logits.astype(jnp.float32)
+  targets = targets.astype(jnp.float32)
+  per = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+  if weights is None:
+    return jnp.mean(per)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(per * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def router_bce_loss(router_logits_BS: jax.Array, selected_BS: jax.Array,
+                    weights_BS: jax.Array | None = None) -> jax.Array:
+  """Auxiliary loss on the router's own logits: BCE to top-k membership.
+
+  The gradient reaches the router; route at decode time with `threshold_route`.
+  """
+  return bce_with_logits(router_logits_BS, jax.lax.stop_gradient(selected_BS), weights_BS)
+
+
+def predictor_init(key: jax.Array, dim: int, hidden: int, dtype=jnp.float32) -> dict:
+  """Parameters of the MoD predictor MLP: D -> H (ReLU) -> 1."""
+  k1, k2 = jax.random.split(key)
+  return {
+      "w1_DH": jax.random.normal(k1, (dim, hidden), dtype) * dim ** -0.5,
+      "b1_H": jnp.zeros((hidden,), dtype),
+      "w2_H": jax.random.normal(k2, (hidden,), dtype) * hidden ** -0.5,
+      "b2": jnp.zeros((), dtype),
+  }
+
+
+def predictor_logits(params: dict, x_BSD: jax.Array) -> jax.Array:
+  """Logits [B, S] float32 of "this token is in the top-k", from stop_gradient(x).
+
+  The stop-gradient keeps the predictor's loss from shaping the residual stream
+  (paper: the predictor is an auxiliary classifier, not part of the model).
+  """
+  x = jax.lax.stop_gradient(x_BSD).astype(jnp.float32)
+  h_BSH = jax.nn.relu(x @ params["w1_DH"].astype(jnp.float32) + params["b1_H"].astype(jnp.float32))
+  return h_BSH @ params["w2_H"].astype(jnp.float32) + params["b2"].astype(jnp.float32)
+
+
+def predictor_loss(params: dict, x_BSD: jax.Array, selected_BS: jax.Array,
+                   weights_BS: jax.Array | None = None) -> jax.Array:
+  """BCE of the predictor on stop_gradient(x) against top-k membership."""
+  return bce_with_logits(predictor_logits(params, x_BSD),
+                         jax.lax.stop_gradient(selected_BS), weights_BS)
+
+
+def routing_accuracy(logits_BS: jax.Array, selected_BS: jax.Array) -> jax.Array:
+  """Fraction of tokens where the threshold decision agrees with top-k membership."""
+  return jnp.mean((threshold_route(logits_BS) == selected_BS).astype(jnp.float32))
