@@ -85,6 +85,12 @@ class Config:
   def __post_init__(self):
     self.validate()
 
+  def __hash__(self):
+    # The generated hash fails on the rope_scaling dict, and a graphdef (which
+    # holds the config) must be hashable to be a static jit argument.
+    fields = dataclasses.astuple(self)
+    return hash(tuple(tuple(sorted(f.items())) if isinstance(f, dict) else f for f in fields))
+
   def validate(self) -> None:
     """Raises ValueError naming the first bad field and what is allowed."""
     for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads",
