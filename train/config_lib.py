@@ -1,0 +1,167 @@
+"""Validation of a training config before anything compiles.
+
+    run = validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    run.mesh_shape   # {"data": 8, "fsdp": 1, "tensor": 1}
+    run.model_config # the model's validated Config dataclass
+
+Every check raises ValueError with a message that names the field, the bad
+value and what is allowed. The config files under configs/ lock their
+ConfigDict, so a command-line override of a field that does not exist fails in
+ml_collections before this module runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from models import registry
+from train import sharding
+
+SCHEDULES = ("cosine", "constant", "linear")
+DATA_LOADING = ("sharded", "replicated")
+REQUIRED_FIELDS = ("seed", "total_steps", "batch_size", "seq_len", "checkpoint_every",
+                   "eval_every", "eval_steps", "log_every", "mesh", "logical_axis_rules",
+                   "model", "optimizer", "data", "init_from", "keep_checkpoints",
+                   "max_nonfinite_steps", "profile_steps")
+OPTIMIZER_FIELDS = ("learning_rate", "schedule", "warmup_steps", "min_learning_rate_ratio",
+                    "weight_decay", "b1", "b2", "eps", "grad_clip_norm", "grad_accum_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What validation resolved: the concrete mesh shape and model config."""
+  mesh_shape: dict[str, int]
+  model_kind: str
+  model_config: Any
+  micro_batch_size: int
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, minimum: int, meaning: str = "") -> None:
+  if not _is_int(value) or value < minimum:
+    allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    raise ValueError(f"{name}={value!r}: must be {allowed}{meaning}")
+
+
+def _check_float(name: str, value, low: float, high: float, *, low_open=False,
+                 high_open=False) -> None:
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  if ok:
+    ok = (value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high)
+  if not ok:
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    raise ValueError(f"{name}={value!r}: must be a finite number in {lo}{low}, {high}{hi}")
+
+
+def model_fields(config) -> tuple[str, dict[str, Any]]:
+  """(kind, fields) of the config's model section."""
+  fields = dict(config.model)
+  kind = fields.pop("kind", "dense")
+  return kind, fields
+
+
+def validate(config, *, num_devices: int, process_count: int = 1) -> Run:
+  """Checks every field of a training config; returns the resolved Run."""
+  missing = [f for f in REQUIRED_FIELDS if f not in config]
+  if missing:
+    raise ValueError(f"config.{missing[0]}: required field is missing; a training config "
+                     f"has {list(REQUIRED_FIELDS)}")
+  _check_int("seed", config.seed, 0)
+  _check_int("total_steps", config.total_steps, 1)
+  _check_int("batch_size", config.batch_size, 1, " (global batch, in sequences)")
+  _check_int("seq_len", config.seq_len, 2)
+  _check_int("checkpoint_every", config.checkpoint_every, 0, " (0 = only at the end)")
+  _check_int("eval_every", config.eval_every, 0, " (0 = never)")
+  _check_int("eval_steps", config.eval_steps, 1)
+  _check_int("log_every", config.log_every, 1)
+  _check_int("keep_checkpoints", config.keep_checkpoints, 1)
+  _check_int("max_nonfinite_steps", config.max_nonfinite_steps, 1)
+  if not isinstance(config.init_from, str):
+    raise ValueError(f"init_from={config.init_from!r}: must be a path string ('' = none)")
+  profile = tuple(config.profile_steps)
+  if profile and (len(profile) != 2 or not all(_is_int(s) for s in profile)
+                  or not 0 <= profile[0] < profile[1]):
+    raise ValueError(f"profile_steps={config.profile_steps!r}: must be () or (start, stop) "
+                     f"with 0 <= start < stop")
+
+  data_loading = config.get("data_loading", "sharded")
+  if data_loading not in DATA_LOADING:
+    raise ValueError(f"data_loading={data_loading!r}; allowed: {list(DATA_LOADING)}")
+
+  # Mesh and rules.
+  mesh_shape = sharding.resolve_mesh_shape(dict(config.mesh), num_devices)
+  sharding.rules_dict(config.logical_axis_rules)
+  dp = sharding.data_parallel_size(mesh_shape)
+
+  # Optimizer.
+  opt = config.optimizer
+  missing = [f for f in OPTIMIZER_FIELDS if f not in opt]
+  if missing:
+    raise ValueError(f"optimizer.{missing[0]}: required field is missing")
+  _check_float("optimizer.learning_rate", opt.learning_rate, 0.0, 10.0, low_open=True)
+  if opt.schedule not in SCHEDULES:
+    raise ValueError(f"optimizer.schedule={opt.schedule!r}; allowed: {list(SCHEDULES)}")
+  _check_int("optimizer.warmup_steps", opt.warmup_steps, 0)
+  if opt.warmup_steps > config.total_steps:
+    raise ValueError(f"optimizer.warmup_steps={opt.warmup_steps}: must be <= total_steps="
+                     f"{config.total_steps}")
+  _check_float("optimizer.min_learning_rate_ratio", opt.min_learning_rate_ratio, 0.0, 1.0)
+  _check_float("optimizer.weight_decay", opt.weight_decay, 0.0, 10.0)
+  _check_float("optimizer.b1", opt.b1, 0.0, 1.0, high_open=True)
+  _check_float("optimizer.b2", opt.b2, 0.0, 1.0, high_open=True)
+  _check_float("optimizer.eps", opt.eps, 0.0, 1.0, low_open=True)
+  _check_float("optimizer.grad_clip_norm", opt.grad_clip_norm, 0.0, math.inf)
+  _check_int("optimizer.grad_accum_steps", opt.grad_accum_steps, 1)
+
+  # Batch divisibility.
+  if config.batch_size % process_count:
+    raise ValueError(f"batch_size={config.batch_size}: must be divisible by the process "
+                     f"count {process_count}")
+  if config.batch_size % opt.grad_accum_steps:
+    raise ValueError(f"batch_size={config.batch_size}: must be divisible by "
+                     f"optimizer.grad_accum_steps={opt.grad_accum_steps}")
+  micro = config.batch_size // opt.grad_accum_steps
+  if micro % dp:
+    raise ValueError(
+        f"batch_size={config.batch_size}: each micro-batch (batch_size / "
+        f"optimizer.grad_accum_steps = {micro}) must be divisible by the data-parallel size "
+        f"mesh.data * mesh.fsdp = {dp}")
+
+  # Model.
+  kind, fields = model_fields(config)
+  model_config = registry.make_config(kind, fields)
+  tensor = mesh_shape["tensor"]
+  if model_config.num_heads % tensor:
+    raise ValueError(f"model.num_heads={model_config.num_heads}: must be divisible by "
+                     f"mesh.tensor={tensor}")
+  if model_config.param_dtype != "float32":
+    raise ValueError(f"model.param_dtype={model_config.param_dtype!r}: training keeps "
+                     f"float32 parameters and optimizer state; allowed: ['float32']")
+
+  # Data (the data module validates its own section).
+  from train import data as data_lib
+  data_lib.validate_data_config(config.data, seq_len=config.seq_len,
+                                global_batch_size=config.batch_size,
+                                process_count=process_count)
+  vocab = tokenizer_vocab_size(config.data)
+  if vocab is not None and model_config.vocab_size < vocab:
+    raise ValueError(f"model.vocab_size={model_config.vocab_size}: must be >= the "
+                     f"tokenizer's vocabulary size {vocab}")
+  return Run(mesh_shape=mesh_shape, model_kind=kind, model_config=model_config,
+             micro_batch_size=micro)
+
+
+def tokenizer_vocab_size(data_config: Mapping[str, Any]) -> int | None:
+  """Vocabulary size of the data section's tokenizer, or None if it names none."""
+  spec = data_config.get("tokenizer") if hasattr(data_config, "get") else None
+  if spec is None:
+    return None
+  from train import tokenizer as tokenizer_lib
+  return tokenizer_lib.load_tokenizer(spec).vocab_size

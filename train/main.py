@@ -1,0 +1,356 @@
+"""Command line entry point and training loop.
+
+    python -m train.main --config=configs/lm_dense.py --workdir=DIR [--config.FIELD=VALUE ...]
+
+Multi-process (one process per host): `jax.distributed.initialize()` runs when
+--coordinator_address/--num_processes/--process_id are given, when
+JAX_COORDINATOR_ADDRESS is set, or on a multi-host TPU slice (TPU_WORKER_HOSTNAMES
+lists more than one host); otherwise (one host, Colab, tests) it is skipped.
+Only process 0 writes metrics and prints progress; every process takes part in
+checkpoints. Restore order: DIR's latest checkpoint, else config.init_from,
+else a fresh sharded init. SIGTERM saves a checkpoint and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from train import checkpoint as checkpoint_lib
+from train import config_lib
+from train import metrics as metrics_lib
+from train import sharding
+from train import trainer
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive NaN/Inf steps."""
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def wants_distributed(coordinator_address: str | None, num_processes: int | None,
+                      environ=os.environ) -> bool:
+  """Whether this run is multi-process (decided from flags and the environment)."""
+  if coordinator_address or (num_processes is not None and num_processes > 1):
+    return True
+  if environ.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  return len(hosts) > 1
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+  """Calls jax.distributed.initialize() for multi-process runs; returns whether it did."""
+  if not wants_distributed(coordinator_address, num_processes):
+    return False
+  # CPU backends need an explicit cross-process collectives implementation.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {k: v for k, v in (("coordinator_address", coordinator_address),
+                              ("num_processes", num_processes),
+                              ("process_id", process_id)) if v is not None}
+  jax.distributed.initialize(**kwargs)
+  return True
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class _Rows:
+  """Replicated loading: every process reads the global batch and keeps its own rows."""
+
+  def __init__(self, iterator, process_index: int, process_count: int):
+    self.iterator, self.index, self.count = iterator, process_index, process_count
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self.iterator)
+    rows = next(iter(batch.values())).shape[0] // self.count
+    return {k: v[self.index * rows:(self.index + 1) * rows] for k, v in batch.items()}
+
+  def get_state(self):
+    return self.iterator.get_state()
+
+  def set_state(self, state):
+    self.iterator.set_state(state)
+
+  def close(self):
+    getattr(self.iterator, "close", lambda: None)()
+
+
+def make_data_iterator(config, split: str):
+  from train import data as data_lib
+  pi, pc = jax.process_index(), jax.process_count()
+  replicated = config.get("data_loading", "sharded") == "replicated"
+  iterator = data_lib.make_iterator(
+      config.data, seq_len=config.seq_len, global_batch_size=config.batch_size,
+      seed=config.seed, split=split, process_index=0 if replicated else pi,
+      process_count=1 if replicated else pc)
+  return _Rows(iterator, pi, pc) if replicated else iterator
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+class _Preemption:
+  """SIGTERM -> save and stop. Multi-process runs agree on the step through JAX."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if jax.process_count() == 1:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread
+        pass
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except Exception:  # pylint: disable=broad-except
+        return False
+    return self.requested
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _mean(values):
+  values = [v for v in values if np.isfinite(v)]
+  return float(np.mean(values)) if values else float("nan")
+
+
+def evaluate(setup, state, eval_iterator, start_state, steps: int) -> float:
+  """Mean next-token cross entropy (nats) over `steps` held-out batches."""
+  eval_iterator.set_state(start_state)
+  sums = [setup.eval_step(state, trainer.device_batch(next(eval_iterator), setup))
+          for _ in range(steps)]
+  sums = jax.device_get(sums)
+  return float(sum(s["ce_sum"] for s in sums) / max(sum(s["count"] for s in sums), 1.0))
+
+
+def _initial_state(config, setup, run, mesh, ckpt, train_iter, writer):
+  """Restores from the workdir, else init_from, else a fresh sharded init."""
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, data_state = ckpt.restore(latest, setup.abstract_state)
+    train_iter.set_state(data_state)
+    writer.truncate_after(latest)
+    logging.info("resumed from %s/%d", ckpt.directory, latest)
+    return state, f"resumed from step {latest}"
+  state = setup.init()
+  if not config.init_from:
+    return state, "fresh init"
+  abstract_params = setup.abstract_state["params"]
+  if checkpoint_lib.is_hf_directory(config.init_from):
+    from flax import nnx
+    from models import hf
+    rules = tuple(tuple(r) for r in config.logical_axis_rules)
+    model, _ = hf.load(config.init_from, dtype=run.model_config.dtype, mesh=mesh, rules=rules)
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    shapes = jax.tree.map(lambda a: a.shape, abstract_params)
+    got = jax.tree.map(lambda a: a.shape, params)
+    if shapes != got:
+      raise ValueError(f"init_from={config.init_from!r}: the Hugging Face model's parameter "
+                       f"shapes do not match config.model ({got} vs {shapes})")
+    params = jax.tree.map(lambda a, s: jax.device_put(a.astype(s.dtype), s.sharding),
+                          params, abstract_params)
+  else:
+    params = checkpoint_lib.load_params(config.init_from, abstract_params)
+  state["params"] = params
+  return state, f"initialised from {config.init_from}"
+
+
+def train_and_evaluate(config, workdir: str, *, devices: Sequence[Any] | None = None) -> dict:
+  """Runs (or resumes) training; returns a summary dict (final step, losses, status)."""
+  devices = list(jax.devices() if devices is None else devices)
+  run = config_lib.validate(config, num_devices=len(devices), process_count=jax.process_count())
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
+  setup = trainer.setup(run, config, mesh)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     keep=config.keep_checkpoints)
+  train_iter = make_data_iterator(config, "train")
+  eval_iter = make_data_iterator(config, "eval") if config.eval_every else None
+  eval_start = eval_iter.get_state() if eval_iter is not None else None
+  state, how = _initial_state(config, setup, run, mesh, ckpt, train_iter, writer)
+  step = int(jax.device_get(state["step"]))
+  total = int(config.total_steps)
+  peak = metrics_lib.peak_flops_per_device(devices[0])
+  peak_total = peak * len(devices) if peak else None
+  n_params = trainer.num_params(setup.abstract_state)
+  if is_main:
+    print(f"{how}: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
+          f"{jax.process_count()} process(es), step {step}/{total}", flush=True)
+
+  preemption = _Preemption()
+  profile = tuple(config.profile_steps)
+  profiling = False
+  interval: list[dict] = []
+  last_metrics = None
+  summary = {"status": "completed", "losses": {}}
+  timer = metrics_lib.StepTimer(step)
+  first_step = True
+  last_saved = step if ckpt.latest_step() == step else None
+
+  def save(at_step: int) -> None:
+    nonlocal last_saved
+    if last_saved == at_step:
+      return
+    if not trainer.state_is_finite(setup, state):
+      logging.error("step %d: state is not finite; not checkpointing it", at_step)
+      return
+    ckpt.save(at_step, state, train_iter.get_state())
+    last_saved = at_step
+
+  try:
+    while step < total:
+      if preemption.reached(step):
+        save(step)
+        summary["status"] = "preempted"
+        if is_main:
+          print(f"SIGTERM: saved checkpoint at step {step}; exiting", flush=True)
+        break
+      if profile and step == profile[0]:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        profiling = True
+      batch = trainer.device_batch(next(train_iter), setup)
+      state, step_metrics = setup.train_step(state, batch)
+      step += 1
+      if profiling and step >= profile[1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        profiling = False
+      # Read the previous step's counters while this one runs (keeps one step queued).
+      if last_metrics is not None:
+        _check_streak(last_metrics, config.max_nonfinite_steps, step - 1)
+      last_metrics = step_metrics
+      interval.append(step_metrics)
+      if first_step:  # compile time, kept out of the rates
+        first_step = False
+        jax.block_until_ready(step_metrics)
+        if is_main:
+          print(f"step {step}: compiled and ran in {time.perf_counter() - timer.start_time:.1f}"
+                f" s", flush=True)
+        timer = metrics_lib.StepTimer(step)
+      do_eval = eval_iter is not None and (step % config.eval_every == 0 or step == total)
+      if step % config.log_every == 0 or step == total or do_eval:
+        host = jax.device_get(interval)
+        _check_streak(host[-1], config.max_nonfinite_steps, step)
+        seconds, steps = timer.interval(step)
+        record = _record(host, run, config, seconds / max(steps, 1), peak_total)
+        if do_eval:
+          record["eval_loss"] = evaluate(setup, state, eval_iter, eval_start, config.eval_steps)
+        writer.write(step, record)
+        summary["losses"][step] = record["loss"]
+        if is_main:
+          eta = (total - step) * record["seconds_per_step"]
+          print(metrics_lib.progress_line(step, total, record, eta), flush=True)
+        interval = []
+      if config.checkpoint_every and step % config.checkpoint_every == 0 or step == total:
+        save(step)
+  finally:
+    if profiling:
+      jax.profiler.stop_trace()
+    preemption.restore()
+    ckpt.close()
+    writer.close()
+    for it in (train_iter, eval_iter):
+      if it is not None:
+        getattr(it, "close", lambda: None)()
+  summary["step"] = step
+  return summary
+
+
+def _check_streak(step_metrics, limit: int, step: int) -> None:
+  streak = int(jax.device_get(step_metrics["nonfinite_streak"]))
+  if streak >= limit:
+    raise NonFiniteError(
+        f"step {step}: {streak} consecutive steps had a non-finite loss or gradient "
+        f"(max_nonfinite_steps={limit}); stopping. Their updates were skipped and no "
+        f"non-finite state was checkpointed; lower optimizer.learning_rate or check the data.")
+
+
+def _record(host: list[dict], run, config, seconds_per_step: float, peak_total) -> dict:
+  """The logged figures of one interval from its per-step host metrics."""
+  last = host[-1]
+  finite = [h for h in host if h["finite"] > 0]
+  record = {
+      "loss": _mean([float(h["loss"]) for h in finite]) if finite else float("nan"),
+      "lm_loss": _mean([float(h["lm_loss"]) for h in finite]) if finite else float("nan"),
+      "learning_rate": float(last["learning_rate"]),
+      "grad_norm": _mean([float(h["grad_norm"]) for h in finite]) if finite else float("nan"),
+      "nonfinite_steps": int(last["nonfinite_total"]),
+  }
+  aux = {}
+  for key in last:
+    if key.startswith(("aux/", "aux_loss/")):
+      record[key] = _mean([float(h[key]) for h in host])
+      if key.startswith("aux/"):
+        aux[key[4:]] = record[key]
+  record.update(metrics_lib.throughput(
+      run.model_config, batch=config.batch_size, seq_len=config.seq_len,
+      seconds_per_step=seconds_per_step, aux_metrics=aux, peak_flops=peak_total))
+  return record
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv):
+  from absl import flags
+  del argv
+  FLAGS = flags.FLAGS
+  maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
+  from absl import logging as absl_logging
+  if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  config = FLAGS.config
+  try:
+    summary = train_and_evaluate(config, FLAGS.workdir)
+  except (ValueError, NonFiniteError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1 if isinstance(e, NonFiniteError) else 2)
+  if jax.process_index() == 0:
+    print(f"done: {summary['status']} at step {summary['step']}; workdir {FLAGS.workdir}",
+          flush=True)
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and events.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
+  flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)
