@@ -13,11 +13,13 @@ from typing import Any, Mapping
 
 from flax import nnx
 
-from models import mod, transformer
+from models import duo, first, mod, transformer
 
 MODELS: dict[str, tuple[type, type]] = {
     "dense": (transformer.Config, transformer.Transformer),
     "mod": (mod.Config, mod.MoDTransformer),
+    "duo": (duo.Config, duo.DuoTransformer),
+    "first": (first.Config, first.FiRSTTransformer),
 }
 
 
