@@ -12,6 +12,25 @@ attention counts half of the L×L score matrix. With a sliding window W < L the
 visible keys per query are about W, so the attention term uses L·W instead of
 L²/2 (times two). Any object with the attributes of `models.transformer.Config`
 works: this module never imports `models`.
+
+Adaptive variants (`executed_train_flops` dispatches on the config's fields):
+
+  Mixture-of-Depths (`routed_every`, `capacity`): a routed block runs its linear
+    layers on k = round(capacity·S) tokens per row (× k/S) and attention over k
+    tokens (× (k/S)²), plus the router (D per token) and the predictor MLP
+    (D·H + H per token) on all S tokens.
+  Duo (`small_mlp_dim`): attention in every layer; the FFN costs the big MLP on
+    the realised big fraction, the small MLP on the small fraction, nothing on
+    skipped tokens, plus a D×3 router per token ("duo/frac_small",
+    "duo/frac_big" from aux metrics).
+  FiRST (`skip_penalty`): a skipped (sequence, layer) executes nothing; the
+    realised skip fraction is "first/skip_fraction" (0 while training with
+    relaxed gates, which execute every layer). Routers: pooling + D per layer
+    and sequence.
+
+The numbers count executed work: what a kernel that skips the unselected
+tokens/layers does. XLA's cost analysis of a masked program counts the full
+L×L score matrix (masked entries included), i.e. twice the causal term here.
 """
 
 from __future__ import annotations
@@ -61,13 +80,86 @@ def dense_train_flops(config: Any, batch: int, seq_len: int) -> float:
   return TRAIN_MULTIPLIER * dense_forward_flops(config, batch, seq_len)
 
 
+def dense_layer_flops(config: Any, batch: int, seq_len: int) -> float:
+  """Forward FLOPs of one dense block (projections, MLP, causal attention)."""
+  tokens = batch * seq_len
+  return (2.0 * tokens * (attention_projection_params(config) + mlp_params(config))
+          + attention_score_flops(config, batch, seq_len))
+
+
+def _metric(metrics: dict[str, float] | None, name: str, default: float) -> float:
+  if metrics is None or name not in metrics:
+    return default
+  return float(metrics[name])
+
+
+def _num_routed_layers(config: Any) -> int:
+  return len(range(config.routed_offset, config.num_layers, config.routed_every))
+
+
+def mod_routed_tokens(config: Any, seq_len: int) -> int:
+  """k: tokens per row a MoD routed block processes (round(capacity·S), in [1, S])."""
+  return int(min(seq_len, max(1, (config.capacity * seq_len + 0.5) // 1)))
+
+
+def mod_forward_flops(config: Any, batch: int, seq_len: int,
+                      metrics: dict[str, float] | None = None) -> float:
+  """Forward FLOPs of a Mixture-of-Depths model; k/S from "mod/routed_fraction" if given."""
+  tokens = batch * seq_len
+  k = _metric(metrics, "mod/routed_fraction", mod_routed_tokens(config, seq_len) / seq_len)
+  k = k * seq_len
+  routed = _num_routed_layers(config)
+  routed_layer = (2.0 * batch * k * (attention_projection_params(config) + mlp_params(config))
+                  + attention_score_flops(config, batch, k))
+  hidden = getattr(config, "predictor_hidden", 0)
+  router_and_predictor = 2.0 * tokens * (config.dim + config.dim * hidden + hidden)
+  return ((config.num_layers - routed) * dense_layer_flops(config, batch, seq_len)
+          + routed * (routed_layer + router_and_predictor) + lm_head_flops(config, tokens))
+
+
+def duo_forward_flops(config: Any, batch: int, seq_len: int,
+                      metrics: dict[str, float] | None = None) -> float:
+  """Forward FLOPs of a Duo model with realised small/big fractions (default: all big)."""
+  tokens = batch * seq_len
+  frac_small = _metric(metrics, "duo/frac_small", 0.0)
+  frac_big = _metric(metrics, "duo/frac_big", 1.0)
+  ffn = 2.0 * tokens * (frac_small * mlp_params(config, config.small_mlp_dim)
+                        + frac_big * mlp_params(config))
+  router = 2.0 * tokens * config.dim * 3
+  attn = (2.0 * tokens * attention_projection_params(config)
+          + attention_score_flops(config, batch, seq_len))
+  return config.num_layers * (attn + ffn + router) + lm_head_flops(config, tokens)
+
+
+def first_forward_flops(config: Any, batch: int, seq_len: int,
+                        metrics: dict[str, float] | None = None) -> float:
+  """Forward FLOPs of a FiRST model with the realised skip fraction (default 0)."""
+  tokens = batch * seq_len
+  executed = 1.0 - _metric(metrics, "first/skip_fraction", 0.0)
+  router = tokens * config.dim + 2.0 * batch * config.dim  # Pooling + linear, per layer.
+  return (config.num_layers * (executed * dense_layer_flops(config, batch, seq_len) + router)
+          + lm_head_flops(config, tokens))
+
+
+def executed_forward_flops(config: Any, batch: int, seq_len: int,
+                           metrics: dict[str, float] | None = None) -> float:
+  """Forward FLOPs executed on [batch, seq_len], dispatching on the config's fields."""
+  if hasattr(config, "routed_every") and hasattr(config, "capacity"):
+    return mod_forward_flops(config, batch, seq_len, metrics)
+  if hasattr(config, "small_mlp_dim"):
+    return duo_forward_flops(config, batch, seq_len, metrics)
+  if hasattr(config, "skip_penalty"):
+    return first_forward_flops(config, batch, seq_len, metrics)
+  return dense_forward_flops(config, batch, seq_len)
+
+
 def executed_train_flops(config: Any, batch: int, seq_len: int,
                          metrics: dict[str, float] | None = None) -> float:
   """Training FLOPs the model actually executes on one [batch, seq_len] step.
 
   `metrics` are the scalar routing statistics the model reported in
   `aux["metrics"]` (realised skip fractions and the like); adaptive variants
-  use them, the dense model ignores them.
+  use them, the dense model ignores them (it executes every layer on every
+  token).
   """
-  del metrics  # The dense model executes every layer on every token.
-  return dense_train_flops(config, batch, seq_len)
+  return TRAIN_MULTIPLIER * executed_forward_flops(config, batch, seq_len, metrics)
