@@ -1,0 +1,74 @@
+"""adaptive/routing.py against plain numpy / the paper's definitions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adaptive import routing
+
+
+def test_capacity_k_is_static_rounded_and_bounded():
+  assert routing.capacity_k(0.125, 2048) == 256
+  assert routing.capacity_k(0.125, 4) == 1    # round(0.5) -> at least 1
+  assert routing.capacity_k(0.3, 10) == 3
+  assert routing.capacity_k(1.0, 7) == 7
+  with pytest.raises(ValueError, match="capacity"):
+    routing.capacity_k(0.0, 8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 12), st.data())
+def test_expert_choice_matches_numpy(b, s, data):
+  k = data.draw(st.integers(1, s))
+  seed = data.draw(st.integers(0, 2**16))
+  scores = np.random.default_rng(seed).permutation(b * s).reshape(b, s).astype(np.float32)
+  positions = np.broadcast_to(np.arange(s) + 100, (b, s))
+  segs = np.random.default_rng(seed + 1).integers(0, 3, (b, s))
+  sel = routing.expert_choice(jnp.asarray(scores), k, jnp.asarray(positions), jnp.asarray(segs))
+  for row in range(b):
+    want = np.sort(np.argsort(-scores[row])[:k])
+    np.testing.assert_array_equal(sel.indices_BK[row], want)
+    np.testing.assert_array_equal(sel.positions_BK[row], positions[row, want])
+    np.testing.assert_array_equal(sel.segment_ids_BK[row], segs[row, want])
+    mask = np.zeros(s, bool)
+    mask[want] = True
+    np.testing.assert_array_equal(sel.mask_BS[row], mask)
+
+
+def test_gather_scatter_roundtrip_and_gradient():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 3))
+  idx = jnp.asarray([[0, 2, 5], [1, 3, 4]])
+  g = routing.gather_tokens(x, idx)
+  np.testing.assert_array_equal(routing.scatter_tokens(x, g, idx), x)
+  y = routing.scatter_tokens(x, 2 * g, idx)
+  mask = np.asarray(routing.membership_mask(idx, 6))
+  np.testing.assert_allclose(y, np.where(mask[..., None], 2 * x, x))
+  grad = jax.grad(lambda x: jnp.sum(routing.scatter_tokens(x, 3 * routing.gather_tokens(x, idx),
+                                                           idx)))(x)
+  np.testing.assert_allclose(grad, np.broadcast_to(np.where(mask[..., None], 3.0, 1.0), x.shape))
+
+
+def test_threshold_and_bce_losses():
+  logits = jnp.asarray([[-2.0, 0.0, 0.5, 3.0]])
+  np.testing.assert_array_equal(routing.threshold_route(logits), [[False, False, True, True]])
+  target = jnp.asarray([[0, 1, 1, 1]], bool)
+  p = 1 / (1 + np.exp(-np.asarray(logits)))
+  want = -np.mean(np.where(np.asarray(target), np.log(p), np.log(1 - p)))
+  np.testing.assert_allclose(routing.router_bce_loss(logits, target), want, rtol=1e-6)
+  assert float(routing.routing_accuracy(logits, target)) == 0.75
+
+
+def test_predictor_sees_stop_gradient_x():
+  params = routing.predictor_init(jax.random.key(0), 8, 4)
+  x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+  target = jnp.asarray(np.random.default_rng(0).random((2, 5)) < 0.5)
+  gx = jax.grad(lambda x: routing.predictor_loss(params, x, target))(x)
+  assert not np.asarray(gx).any()
+  gp = jax.grad(lambda p: routing.predictor_loss(p, x, target))(params)
+  assert np.abs(np.asarray(gp["w1_DH"])).max() > 0
+  h = np.maximum(np.asarray(x) @ np.asarray(params["w1_DH"]), 0)
+  np.testing.assert_allclose(routing.predictor_logits(params, x), h @ np.asarray(params["w2_H"]),
+                             rtol=1e-5, atol=1e-5)
