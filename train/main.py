@@ -211,7 +211,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[Any] | None = 
   last_metrics = None
   summary = {"status": "completed", "losses": {}}
   timer = metrics_lib.StepTimer(step)
-  first_step = True
+  first_step, first_step_seconds = True, 0.0
   last_saved = step if ckpt.latest_step() == step else None
 
   def save(at_step: int) -> None:
@@ -250,18 +250,21 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[Any] | None = 
       if first_step:  # compile time, kept out of the rates
         first_step = False
         jax.block_until_ready(step_metrics)
+        first_step_seconds, _ = timer.interval(step)
         if is_main:
-          print(f"step {step}: compiled and ran in {time.perf_counter() - timer.start_time:.1f}"
-                f" s", flush=True)
-        timer = metrics_lib.StepTimer(step)
+          print(f"step {step}: compiled and ran in {first_step_seconds:.1f} s", flush=True)
       do_eval = eval_iter is not None and (step % config.eval_every == 0 or step == total)
       if step % config.log_every == 0 or step == total or do_eval:
         host = jax.device_get(interval)
         _check_streak(host[-1], config.max_nonfinite_steps, step)
         seconds, steps = timer.interval(step)
-        record = _record(host, run, config, seconds / max(steps, 1), peak_total)
+        if steps == 0:  # only the first (compiling) step in this interval
+          seconds, steps = first_step_seconds, 1
+        record = _record(host, run, config, seconds / steps, peak_total)
         if do_eval:
+          started = time.perf_counter()
           record["eval_loss"] = evaluate(setup, state, eval_iter, eval_start, config.eval_steps)
+          timer.exclude(time.perf_counter() - started)
         writer.write(step, record)
         summary["losses"][step] = record["loss"]
         if is_main:
@@ -269,7 +272,9 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[Any] | None = 
           print(metrics_lib.progress_line(step, total, record, eta), flush=True)
         interval = []
       if config.checkpoint_every and step % config.checkpoint_every == 0 or step == total:
+        started = time.perf_counter()
         save(step)
+        timer.exclude(time.perf_counter() - started)
   finally:
     if profiling:
       jax.profiler.stop_trace()

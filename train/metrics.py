@@ -43,17 +43,23 @@ def peak_flops_per_device(device) -> float | None:
 
 
 class StepTimer:
-  """Wall time and step counts between log lines (and since the run's start)."""
+  """Wall time per step between log lines, leaving out evaluation and checkpoint time."""
 
   def __init__(self, step: int):
-    self.start_time = self.last_time = time.perf_counter()
-    self.start_step = self.last_step = step
+    self.last_time = time.perf_counter()
+    self.last_step = step
+    self.excluded = 0.0
+
+  def exclude(self, seconds: float) -> None:
+    """Time spent on something other than training steps (eval, saves)."""
+    self.excluded += seconds
 
   def interval(self, step: int) -> tuple[float, int]:
-    """(seconds, steps) since the previous call; resets the interval."""
+    """(training seconds, steps) since the previous call; resets the interval."""
     now = time.perf_counter()
-    seconds, steps = now - self.last_time, step - self.last_step
-    self.last_time, self.last_step = now, step
+    seconds = max(now - self.last_time - self.excluded, 0.0)
+    steps = step - self.last_step
+    self.last_time, self.last_step, self.excluded = now, step, 0.0
     return seconds, steps
 
 
