@@ -127,13 +127,13 @@ def _resolve_impl(impl: str, interpret: bool) -> str:
   return impl
 
 
-def _is_nvidia() -> bool:
+def is_nvidia_gpu() -> bool:
   device = jax.devices()[0]
   return device.platform == "gpu" and "cuda" in device.client.platform_version.lower()
 
 
 def _cudnn_attention(q_BSHD, k_BTKD, v_BTKD, *, causal, sliding_window, scale, custom_mask):
-  if not _is_nvidia():
+  if not is_nvidia_gpu():
     raise ValueError(f"attention impl='cudnn' needs an NVIDIA GPU; devices are {jax.devices()}")
   if custom_mask:
     raise ValueError("attention impl='cudnn' supports default positions without segment ids"
