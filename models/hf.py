@@ -67,31 +67,40 @@ _NUMPY_TO_SAFETENSORS = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 # -- logical axes -> mesh ---------------------------------------------------------------
 
 
-def partition_spec(logical_axes: Sequence[str | None],
+def partition_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                    rules: Iterable[tuple[str, Any]] | None) -> PartitionSpec:
-  """Maps logical axis names to a PartitionSpec with `rules`.
+  """PartitionSpec of an array whose dimensions carry `logical_axes` names.
 
-  `rules` is a sequence of (logical_name, mesh_axis) where mesh_axis is a mesh
-  axis name, a tuple of names, or None (replicated). For each logical axis the
-  first rule naming it whose mesh axes are not yet used by an earlier dimension
-  wins; an axis no rule maps is replicated.
+  `rules` is a sequence of (logical_name, mesh_axis | tuple of mesh axes |
+  None), at most one per name. Per dimension, its rule's mesh axes minus those
+  already used by an earlier dimension and those of size 1 are taken; if the
+  dimension is not divisible by their total size it is replicated instead.
+  Unnamed or unmapped dimensions are replicated. (The same semantics as
+  train/sharding.py, which models may not import.)
   """
-  rules = list(rules or ())
+  table: dict[str, tuple[str, ...]] = {}
+  for i, rule in enumerate(rules or ()):
+    if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+      raise ValueError(f"rules[{i}]={rule!r}: must be a pair "
+                       "(logical name, mesh axis | tuple of mesh axes | None)")
+    name, target = rule
+    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    for axis in axes:
+      if axis not in mesh.shape:
+        raise ValueError(f"rules[{i}]=({name!r}, {target!r}): mesh has no axis {axis!r}; "
+                         f"its axes: {list(mesh.shape)}")
+    if name in table:
+      raise ValueError(f"rules[{i}]: logical name {name!r} appears twice")
+    table[name] = axes
   used: set[str] = set()
   spec = []
-  for name in logical_axes:
-    chosen = None
-    for rule_name, mesh_axis in rules:
-      if rule_name != name:
-        continue
-      if mesh_axis is None:
-        break
-      axes = tuple(mesh_axis) if isinstance(mesh_axis, (tuple, list)) else (mesh_axis,)
-      if used.isdisjoint(axes):
-        chosen = mesh_axis if len(axes) > 1 else axes[0]
-        used.update(axes)
-        break
-    spec.append(chosen)
+  for name, size in zip(logical_axes, shape, strict=True):
+    axes = tuple(a for a in table.get(name, ()) if a not in used and mesh.shape[a] > 1)
+    if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+      used.update(axes)
+      spec.append(axes[0] if len(axes) == 1 else axes)
+    else:
+      spec.append(None)
   return PartitionSpec(*spec)
 
 
@@ -493,7 +502,7 @@ def load(path: str, dtype: str = "float32", mesh: Mesh | None = None,
       sharding = jax.sharding.SingleDeviceSharding(device)
     else:
       axes = variable.get_metadata().get("logical_axes") or (None,) * len(variable.shape)
-      sharding = NamedSharding(mesh, partition_spec(axes, rules))
+      sharding = NamedSharding(mesh, partition_spec(axes, variable.shape, mesh, rules))
     np_dtype = np.dtype(variable.dtype)
     array = jax.make_array_from_callback(
         variable.shape, sharding,

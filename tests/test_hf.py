@@ -272,13 +272,33 @@ def test_load_onto_mesh_places_each_tensor_with_its_sharding(checkpoints):
   assert diff <= 1e-4
 
 
+def test_mesh_load_agrees_with_train_sharding(checkpoints):
+  """A loaded model sits where the trainer would put it (train/sharding.py's rules)."""
+  sharding = pytest.importorskip("train.sharding")
+  _, path = checkpoints["qwen2_bias_tied"]
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+  rules = RULES + (("dummy", "data"),)
+  model, _ = hf.load(path, mesh=mesh, rules=rules)
+  expected = sharding.state_shardings(nnx.state(model, nnx.Param), mesh, rules)
+  flat_expected = dict(nnx.to_flat_state(nnx.State(expected)))
+  for key, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = variable.get_value()
+    assert value.sharding.is_equivalent_to(flat_expected[key], value.ndim), key
+
+
 def test_partition_spec_rules():
-  rules = [("embed", "fsdp"), ("mlp", ("fsdp", "tensor")), ("mlp", "tensor"),
-           ("vocab", None), ("vocab", "tensor")]
-  assert hf.partition_spec(("embed", "mlp"), rules) == P("fsdp", "tensor")
-  assert hf.partition_spec(("mlp", "embed"), rules) == P(("fsdp", "tensor"), None)
-  assert hf.partition_spec(("vocab", "layers"), rules) == P(None, None)
-  assert hf.partition_spec(("embed",), None) == P(None)
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4, 1), ("data", "fsdp", "tensor"))
+  rules = [("embed", "fsdp"), ("mlp", ("fsdp", "data")), ("heads", "tensor"), ("vocab", None)]
+  assert hf.partition_spec(("embed", "mlp"), (64, 96), mesh, rules) == P("fsdp", "data")
+  assert hf.partition_spec(("mlp", "embed"), (96, 64), mesh, rules) == P(("fsdp", "data"), None)
+  assert hf.partition_spec(("mlp",), (6,), mesh, rules) == P(None)  # 6 % 8: replicated
+  assert hf.partition_spec(("heads", "vocab", "layers", None), (4, 8, 2, 2), mesh,
+                           rules) == P(None, None, None, None)  # size-1 axis, None, unmapped
+  assert hf.partition_spec(("embed",), (64,), mesh, None) == P(None)
+  with pytest.raises(ValueError, match="'embed' appears twice"):
+    hf.partition_spec(("embed",), (64,), mesh, rules + [("embed", "data")])
+  with pytest.raises(ValueError, match="mesh has no axis 'model'"):
+    hf.partition_spec(("embed",), (64,), mesh, [("embed", "model")])
 
 
 # -- errors -------------------------------------------------------------------------------
