@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from models import decoding, hf  # noqa: E402
+from models import hf  # noqa: E402
 from models.transformer import Config, Transformer  # noqa: E402
 
 VOCAB = 128
@@ -123,6 +123,7 @@ def test_logits_match_transformers_on_padded_batch(checkpoints, case):
 
 @pytest.mark.parametrize("case", ["llama", "qwen2_bias_tied", "qwen3_qk_norm"])
 def test_greedy_generation_matches_transformers(checkpoints, case):
+  decoding = pytest.importorskip("models.decoding")
   hf_model, path = checkpoints[case]
   model, _ = hf.load(path)
   lengths = [9, 4, 7]
