@@ -293,8 +293,21 @@ class Transformer(nnx.Module):
     if c.scan_layers:
       carry, _ = jax.lax.scan(body, carry, (state, jnp.arange(c.num_layers)))
     else:
+      # Each layer gets its own one-layer slice of the cache, and the updated
+      # slices are concatenated once at the end, instead of updating the whole
+      # stacked cache after every layer. Same values; but a caller that holds
+      # the layers' caches as separate arrays (models.decoding's loop) and
+      # stacks them for this call gets no copy at all: XLA folds slice-of-
+      # concatenate, so each layer reads and writes its own buffer in place.
+      x, new_k, new_v = x_BSD, [], []
       for i in range(c.num_layers):
-        carry, _ = body(carry, (jax.tree.map(lambda a, i=i: a[i], state), i))
+        one_layer = lambda a, i=i: None if a is None else a[i:i + 1]
+        (x, k, v), _ = body((x, one_layer(carry[1]), one_layer(carry[2])),
+                            (jax.tree.map(lambda a, i=i: a[i], state), 0))
+        new_k.append(k)
+        new_v.append(v)
+      carry = (x, None, None) if cache is None else (
+          x, jnp.concatenate(new_k), jnp.concatenate(new_v))
     x_BSD, cache_k, cache_v = carry
     return x_BSD, (None if cache is None else kv_cache_lib.KVCache(cache_k, cache_v))
 

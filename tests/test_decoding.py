@@ -1,0 +1,218 @@
+"""models.decoding against teacher forcing (the model's plain forward pass).
+
+The reference for every generated token is the teacher-forced forward pass
+over prompt + generated tokens: the logits at position len + i - 1 must be the
+logits the decoder saw when it chose token i.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import decoding, transformer
+
+CONFIG = transformer.Config(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                            head_dim=8, mlp_dim=64)
+LENGTHS = np.array([5, 9, 2], np.int32)
+S, N = 9, 7
+
+
+@pytest.fixture(scope="module")
+def model():
+  return transformer.Transformer(CONFIG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  tokens = np.random.RandomState(0).randint(1, CONFIG.vocab_size, (len(LENGTHS), S))
+  tokens[np.arange(S)[None, :] >= LENGTHS[:, None]] = 0   # right padding
+  return tokens.astype(np.int32)
+
+
+def teacher_forced_logits(model, prompts, lengths, generated, gen_lengths):
+  """[B, N, V] float32: logits that predict generated token i of each row."""
+  b, n = generated.shape
+  seq = np.zeros((b, S + n), np.int32)
+  for r in range(b):
+    seq[r, :lengths[r]] = prompts[r, :lengths[r]]
+    seq[r, lengths[r]:lengths[r] + gen_lengths[r]] = generated[r, :gen_lengths[r]]
+  logits, _ = model(jnp.asarray(seq))
+  index = lengths[:, None] - 1 + np.arange(n)[None, :]
+  return np.asarray(jnp.take_along_axis(logits, jnp.asarray(index)[..., None], axis=1))
+
+
+@pytest.fixture(scope="module")
+def greedy(model, prompts):
+  return decoding.generate(model, prompts, LENGTHS, max_new_tokens=N)
+
+
+def test_cached_decoding_reproduces_teacher_forced_logits(model, prompts):
+  """Padded-batch prefill + per-row decode steps (the protocol generate uses)."""
+  b = len(LENGTHS)
+  cache = model.init_cache(b, S + N - 1)
+  positions = jnp.broadcast_to(jnp.arange(S), (b, S))
+  logits, cache = model.forward_cached(jnp.asarray(prompts), positions, cache)
+  step_logits = [np.asarray(logits)[np.arange(b), LENGTHS - 1]]
+  tokens = [np.argmax(step_logits[-1], -1).astype(np.int32)]
+  for i in range(1, N):
+    logits, cache = model.forward_cached(jnp.asarray(tokens[-1])[:, None],
+                                         jnp.asarray(LENGTHS - 1 + i)[:, None], cache)
+    step_logits.append(np.asarray(logits)[:, 0])
+    tokens.append(np.argmax(step_logits[-1], -1).astype(np.int32))
+  generated = np.stack(tokens, 1)
+  expected = teacher_forced_logits(model, prompts, LENGTHS, generated, np.full(b, N))
+  np.testing.assert_allclose(np.stack(step_logits, 1), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_matches_teacher_forcing(model, prompts, greedy):
+  b = len(LENGTHS)
+  assert greedy.tokens_BN.shape == (b, N) and greedy.tokens_BN.dtype == jnp.int32
+  assert greedy.logprobs_BN.dtype == jnp.float32
+  np.testing.assert_array_equal(greedy.lengths_B, np.full(b, N))
+  tokens = np.asarray(greedy.tokens_BN)
+  expected = teacher_forced_logits(model, prompts, LENGTHS, tokens, np.full(b, N))
+  np.testing.assert_array_equal(tokens, np.argmax(expected, -1))
+  # logprobs are the raw model log-softmax of the chosen token.
+  logprobs = np.take_along_axis(np.asarray(jax.nn.log_softmax(expected, -1)),
+                                tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(greedy.logprobs_BN, logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_repeated_call_does_not_recompile(model, prompts, greedy):
+  sizes = (decoding._prefill._cache_size(), decoding._decode._cache_size())
+  again = decoding.generate(model, prompts, LENGTHS, max_new_tokens=N)
+  np.testing.assert_array_equal(again.tokens_BN, greedy.tokens_BN)
+  assert (decoding._prefill._cache_size(), decoding._decode._cache_size()) == sizes
+
+
+def test_eos_stops_each_row_and_pads(model, prompts, greedy):
+  tokens = np.asarray(greedy.tokens_BN)
+  # Row 0 stops at its step-2 token, row 1 at its step-4 token (if not earlier).
+  eos_ids = (int(tokens[0, 2]), int(tokens[1, 4]))
+  pad = 63
+  out = decoding.generate(model, prompts, LENGTHS, max_new_tokens=N, eos_ids=eos_ids,
+                          pad_id=pad)
+  for r in range(len(LENGTHS)):
+    hits = np.flatnonzero(np.isin(tokens[r], eos_ids))
+    length = hits[0] + 1 if hits.size else N
+    assert int(out.lengths_B[r]) == length
+    np.testing.assert_array_equal(out.tokens_BN[r, :length], tokens[r, :length])
+    np.testing.assert_array_equal(out.tokens_BN[r, length:], pad)
+    np.testing.assert_allclose(out.logprobs_BN[r, :length], greedy.logprobs_BN[r, :length],
+                               atol=1e-6)
+    np.testing.assert_array_equal(out.logprobs_BN[r, length:], 0.0)
+  assert int(out.lengths_B[0]) <= 3 and int(out.lengths_B[1]) <= 5
+
+
+def test_max_new_tokens_one(model, prompts, greedy):
+  out = decoding.generate(model, prompts, LENGTHS, max_new_tokens=1)
+  np.testing.assert_array_equal(out.tokens_BN[:, 0], greedy.tokens_BN[:, 0])
+  np.testing.assert_array_equal(out.lengths_B, 1)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(model, prompts, greedy):
+  key = jax.random.key(3)
+  for sampling in (decoding.Sampling(temperature=1.5, top_k=1),
+                   decoding.Sampling(temperature=1.5, top_p=1e-6)):
+    out = decoding.generate(model, prompts, LENGTHS, max_new_tokens=N, sampling=sampling,
+                            rng=key)
+    np.testing.assert_array_equal(out.tokens_BN, greedy.tokens_BN, err_msg=str(sampling))
+    np.testing.assert_allclose(out.logprobs_BN, greedy.logprobs_BN, atol=1e-6)
+
+
+def test_scan_layers_gives_the_same_tokens(prompts, greedy):
+  scanned = transformer.Transformer(CONFIG.replace(scan_layers=True), rngs=nnx.Rngs(0))
+  out = decoding.generate(scanned, prompts, LENGTHS, max_new_tokens=N)
+  np.testing.assert_array_equal(out.tokens_BN, greedy.tokens_BN)
+  np.testing.assert_allclose(out.logprobs_BN, greedy.logprobs_BN, atol=1e-5)
+
+
+def test_temperature_sampling_is_deterministic_and_follows_softmax(model, prompts):
+  """First tokens of many identical rows are i.i.d. draws from softmax(logits / T)."""
+  rows, temperature = 512, 0.7
+  batch = np.repeat(prompts[:1], rows, axis=0)
+  lengths = np.full(rows, LENGTHS[0], np.int32)
+  sampling = decoding.Sampling(temperature=temperature)
+  out = decoding.generate(model, batch, lengths, max_new_tokens=2, sampling=sampling,
+                          rng=jax.random.key(0))
+  again = decoding.generate(model, batch, lengths, max_new_tokens=2, sampling=sampling,
+                            rng=jax.random.key(0))
+  other = decoding.generate(model, batch, lengths, max_new_tokens=2, sampling=sampling,
+                            rng=jax.random.key(1))
+  np.testing.assert_array_equal(out.tokens_BN, again.tokens_BN)
+  assert not np.array_equal(out.tokens_BN, other.tokens_BN)
+
+  logits, _ = model(jnp.asarray(prompts[:1, :LENGTHS[0]]))
+  logits = np.asarray(logits[0, -1], np.float64)
+  probs = np.exp((logits - logits.max()) / temperature)
+  probs /= probs.sum()
+  counts = np.bincount(np.asarray(out.tokens_BN[:, 0]), minlength=CONFIG.vocab_size)
+  # Pool rare tokens so every cell expects >= 5 draws, then a chi-square test.
+  order = np.argsort(-probs)
+  expected, observed, pool_e, pool_o = [], [], 0.0, 0
+  for v in order:
+    if probs[v] * rows >= 5:
+      expected.append(probs[v] * rows)
+      observed.append(counts[v])
+    else:
+      pool_e += probs[v] * rows
+      pool_o += counts[v]
+  expected.append(pool_e)
+  observed.append(pool_o)
+  expected, observed = np.array(expected), np.array(observed)
+  chi2 = float(np.sum((observed - expected) ** 2 / np.maximum(expected, 1e-9)))
+  dof = len(expected) - 1
+  assert dof >= 3
+  assert chi2 < dof + 5 * np.sqrt(2 * dof), (chi2, dof)   # ~ p < 1e-4
+  # The raw logprob of each sampled token is the model's (temperature-free) one.
+  np.testing.assert_allclose(
+      out.logprobs_BN[:, 0], np.log(np.exp(logits - logits.max()) /
+                                    np.exp(logits - logits.max()).sum())[out.tokens_BN[:, 0]],
+      atol=1e-5)
+
+
+def test_top_k_and_top_p_restrict_the_support():
+  logits = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]] * 4000, jnp.float32))
+  mode = decoding._mode(decoding.Sampling(temperature=1.0, top_k=2))
+  tokens, _ = decoding.select_tokens(logits, jax.random.key(0), mode, 1.0, 1.0)
+  freq = np.bincount(np.asarray(tokens), minlength=4) / 4000
+  np.testing.assert_allclose(freq, [0.4 / 0.7, 0.3 / 0.7, 0, 0], atol=0.03)
+  mode = decoding._mode(decoding.Sampling(temperature=1.0, top_p=0.75))
+  tokens, _ = decoding.select_tokens(logits, jax.random.key(1), mode, 1.0, 0.75)
+  freq = np.bincount(np.asarray(tokens), minlength=4) / 4000
+  np.testing.assert_allclose(freq, [0.4 / 0.9, 0.3 / 0.9, 0.2 / 0.9, 0], atol=0.03)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=2.0), "max_new_tokens"),
+    (dict(prompt_lengths_B=np.array([5, 10, 2])), "prompt_lengths_B"),
+    (dict(prompt_lengths_B=np.array([5, 0, 2])), "prompt_lengths_B"),
+    (dict(prompt_lengths_B=np.array([5, 2])), "prompt_lengths_B"),
+    (dict(prompt_tokens_BS=np.zeros((3,), np.int32)), "prompt_tokens_BS"),
+    (dict(prompt_tokens_BS=np.zeros((3, 9), np.float32)), "prompt_tokens_BS"),
+    (dict(eos_ids=(64,)), "eos_ids"),
+    (dict(sampling=decoding.Sampling(temperature=1.0)), "rng"),
+    (dict(rng=3), "rng"),
+    (dict(pad_id=None), "pad_id"),
+])
+def test_bad_arguments_raise_before_compiling(model, prompts, kwargs, message):
+  call = dict(prompt_tokens_BS=prompts, prompt_lengths_B=LENGTHS, max_new_tokens=N)
+  call.update(kwargs)
+  sizes = (decoding._prefill._cache_size(), decoding._decode._cache_size())
+  with pytest.raises(ValueError, match=message):
+    decoding.generate(model, call.pop("prompt_tokens_BS"), call.pop("prompt_lengths_B"),
+                      **call)
+  assert (decoding._prefill._cache_size(), decoding._decode._cache_size()) == sizes
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=-1), "top_k"), (dict(top_k=1.5), "top_k"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+])
+def test_sampling_validates_its_fields(kwargs, field):
+  with pytest.raises(ValueError, match=f"Sampling.{field}"):
+    decoding.Sampling(**kwargs)
