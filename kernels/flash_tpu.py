@@ -1,9 +1,11 @@
 """Flash attention for TPU: Pallas kernels lowered through Mosaic.
 
 Mosaic tiles the last two dims of every block by (8, 128), so a [B, S, H, D]
-block with a squeezed head is not expressible; the wrapper transposes to
-head-major [B, H, S, D] (one XLA transpose per operand, O(BSHD) bytes against
-the O(BS^2HD) flops of the kernels). Query head h reads kv head h // (H/K)
+block with a squeezed head is not expressible. With D % 128 == 0 (production
+head dims 128, 256) the operands are viewed as [B, S, H*D] (free reshape) and a
+head's tile is a lane-aligned (rows, D) block of it: no copies. Other head dims
+are transposed to head-major [B, H, S, D] (one XLA transpose per operand,
+O(BSHD) bytes against O(BS^2HD) flops). Query head h reads kv head h // (H/K)
 through its index_map: GQA/MQA never repeats K/V in memory.
 
 All three kernels walk a 4/5-d grid whose last axes are reductions that
@@ -141,8 +143,44 @@ def _dkv_kernel(q_lo_ref, q_hi_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_
     dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def _head_major(x_BLHD):
-  return jnp.transpose(x_BLHD, (0, 2, 1, 3))
+class _Layout:
+  """How [B, L, N, D] operands (L tokens, N heads) are shown to the kernels.
+
+  D % 128 == 0: viewed as [B, L, N*D] (a free reshape); a (rows, D) tile of
+  head n is block (row_block, n) of the last two dims, lane-aligned.
+  Otherwise: transposed to head-major [B, N, L, D], tile (b, n, row_block, 0).
+  """
+
+  def __init__(self, head_dim):
+    self.flat = head_dim % 128 == 0
+    self.d = head_dim
+
+  def to_kernel(self, x_BLND):
+    b, l, n, d = x_BLND.shape
+    return x_BLND.reshape(b, l, n * d) if self.flat else jnp.transpose(x_BLND, (0, 2, 1, 3))
+
+  def from_kernel(self, x):
+    if self.flat:
+      return x.reshape(x.shape[0], x.shape[1], -1, self.d)
+    return jnp.transpose(x, (0, 2, 1, 3))
+
+  def shape(self, b, l, n, dtype):
+    shape = (b, l, n * self.d) if self.flat else (b, n, l, self.d)
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+  def tile(self, rows, index):
+    """BlockSpec of a (rows, D) tile; index(*grid, *prefetch) -> (b, head, row block)."""
+    if self.flat:
+      return pl.BlockSpec((None, rows, self.d), lambda *a: _flat_index(*index(*a)))
+    return pl.BlockSpec((None, None, rows, self.d), lambda *a: _head_major_index(*index(*a)))
+
+
+def _flat_index(b, n, r):
+  return b, r, n
+
+
+def _head_major_index(b, n, r):
+  return b, n, r, 0
 
 
 def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch, semantics, cfg, name):
@@ -156,14 +194,13 @@ def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch, semantics, c
       interpret=cfg.interpret, name=name)
 
 
-def _query_major_specs(bq, bkv, d, group, nq):
-  """Specs for grids (b, h, i, j): q-like tiles, kv tiles (clamped), id col/rows."""
+def _query_major_specs(layout, bq, bkv, group, nq):
+  """Specs for grids (b, h, i, j): q-like tiles, kv tiles (clamped), lse col, id col/rows."""
   def kv_block(b, i, j, lo, hi):
     return _clamp(j, lo[b * nq + i], hi[b * nq + i])
-  q_spec = pl.BlockSpec((None, None, bq, d), lambda b, h, i, j, lo, hi: (b, h, i, 0))
+  q_spec = layout.tile(bq, lambda b, h, i, j, lo, hi: (b, h, i))
+  kv_spec = layout.tile(bkv, lambda b, h, i, j, lo, hi: (b, lax.div(h, group), kv_block(b, i, j, lo, hi)))
   col_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, lo, hi: (b, h, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bkv, d),
-                         lambda b, h, i, j, lo, hi: (b, lax.div(h, group), kv_block(b, i, j, lo, hi), 0))
   q_id_spec = pl.BlockSpec((None, bq, 1), lambda b, h, i, j, lo, hi: (b, i, 0))
   kv_id_spec = pl.BlockSpec((None, 1, bkv),
                             lambda b, h, i, j, lo, hi: (b, 0, kv_block(b, i, j, lo, hi)))
@@ -178,18 +215,19 @@ def forward(q, k, v, ids, cfg):
   nq, nk = s // bq, t // bkv
   kv_lo, kv_hi, _, _ = block_ranges(ids, bq, bkv, causal=cfg.causal, window=cfg.window)
   q_pos, kv_pos, q_seg, kv_seg = ids
-  q_spec, col_spec, kv_spec, id_specs = _query_major_specs(bq, bkv, d, h // kv_heads, nq)
+  layout = _Layout(d)
+  q_spec, col_spec, kv_spec, id_specs = _query_major_specs(layout, bq, bkv, h // kv_heads, nq)
   o, lse = _call(
       functools.partial(_forward_kernel, cfg=cfg, nq=nq, nk=nk),
       grid=(b, h, nq, nk), in_specs=[q_spec, kv_spec, kv_spec] + id_specs,
       out_specs=[q_spec, col_spec],
-      out_shape=[jax.ShapeDtypeStruct((b, h, s, d), q.dtype),
-                 jax.ShapeDtypeStruct((b, h, s, 1), jnp.float32)],
+      out_shape=[layout.shape(b, s, h, q.dtype), jax.ShapeDtypeStruct((b, h, s, 1), jnp.float32)],
       scratch=[(bq, 1), (bq, 1), (bq, d)], cfg=cfg, name="flash_fwd_tpu",
       semantics=(_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY),
-  )(kv_lo.reshape(-1), kv_hi.reshape(-1), _head_major(q), _head_major(k), _head_major(v),
-    q_pos[:, :, None], q_seg[:, :, None], kv_pos[:, None, :], kv_seg[:, None, :])
-  return _head_major(o), lse[..., 0]
+  )(kv_lo.reshape(-1), kv_hi.reshape(-1), layout.to_kernel(q), layout.to_kernel(k),
+    layout.to_kernel(v), q_pos[:, :, None], q_seg[:, :, None], kv_pos[:, None, :],
+    kv_seg[:, None, :])
+  return layout.from_kernel(o), lse[..., 0]
 
 
 def backward(q, k, v, ids, o, lse, do, dlse, cfg):
@@ -202,26 +240,27 @@ def backward(q, k, v, ids, o, lse, do, dlse, cfg):
   kv_lo, kv_hi, q_lo, q_hi = block_ranges(ids, bq, bkv, causal=cfg.causal, window=cfg.window)
   q_pos, kv_pos, q_seg, kv_seg = ids
   delta = backward_delta(o, do, dlse)
-  q_h, do_h, k_h, v_h = _head_major(q), _head_major(do), _head_major(k), _head_major(v)
+  layout = _Layout(d)
+  q_k, do_k, k_k, v_k = (layout.to_kernel(x) for x in (q, do, k, v))
 
-  q_spec, col_spec, kv_spec, id_specs = _query_major_specs(bq, bkv, d, group, nq)
+  q_spec, col_spec, kv_spec, id_specs = _query_major_specs(layout, bq, bkv, group, nq)
   dq = _call(
       functools.partial(_dq_kernel, cfg=cfg, nq=nq, nk=nk),
       grid=(b, h, nq, nk),
       in_specs=[q_spec, q_spec, col_spec, col_spec, kv_spec, kv_spec] + id_specs,
-      out_specs=q_spec, out_shape=jax.ShapeDtypeStruct((b, h, s, d), q.dtype),
+      out_specs=q_spec, out_shape=layout.shape(b, s, h, q.dtype),
       scratch=[(bq, d)], cfg=cfg, name="flash_dq_tpu",
       semantics=(_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY),
-  )(kv_lo.reshape(-1), kv_hi.reshape(-1), q_h, do_h, lse[..., None], delta[..., None],
-    k_h, v_h, q_pos[:, :, None], q_seg[:, :, None], kv_pos[:, None, :], kv_seg[:, None, :])
+  )(kv_lo.reshape(-1), kv_hi.reshape(-1), q_k, do_k, lse[..., None], delta[..., None],
+    k_k, v_k, q_pos[:, :, None], q_seg[:, :, None], kv_pos[:, None, :], kv_seg[:, None, :])
 
   def q_block(b_, j, i, lo, hi):
     return _clamp(i, lo[b_ * nk + j], hi[b_ * nk + j])
-  qt_spec = pl.BlockSpec((None, None, bq, d), lambda b_, kh, j, g, i, lo, hi: (
-      b_, kh * group + g, q_block(b_, j, i, lo, hi), 0))
+  qt_spec = layout.tile(bq, lambda b_, kh, j, g, i, lo, hi: (
+      b_, kh * group + g, q_block(b_, j, i, lo, hi)))
   row_spec = pl.BlockSpec((None, None, 1, bq), lambda b_, kh, j, g, i, lo, hi: (
       b_, kh * group + g, 0, q_block(b_, j, i, lo, hi)))
-  kvt_spec = pl.BlockSpec((None, None, bkv, d), lambda b_, kh, j, g, i, lo, hi: (b_, kh, j, 0))
+  kvt_spec = layout.tile(bkv, lambda b_, kh, j, g, i, lo, hi: (b_, kh, j))
   q_row_spec = pl.BlockSpec((None, 1, bq), lambda b_, kh, j, g, i, lo, hi: (
       b_, 0, q_block(b_, j, i, lo, hi)))
   kv_col_spec = pl.BlockSpec((None, bkv, 1), lambda b_, kh, j, g, i, lo, hi: (b_, j, 0))
@@ -231,10 +270,9 @@ def backward(q, k, v, ids, o, lse, do, dlse, cfg):
       in_specs=[qt_spec, qt_spec, row_spec, row_spec, kvt_spec, kvt_spec,
                 q_row_spec, q_row_spec, kv_col_spec, kv_col_spec],
       out_specs=[kvt_spec, kvt_spec],
-      out_shape=[jax.ShapeDtypeStruct((b, kv_heads, t, d), k.dtype),
-                 jax.ShapeDtypeStruct((b, kv_heads, t, d), v.dtype)],
+      out_shape=[layout.shape(b, t, kv_heads, k.dtype), layout.shape(b, t, kv_heads, v.dtype)],
       scratch=[(bkv, d), (bkv, d)], cfg=cfg, name="flash_dkv_tpu",
       semantics=(_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY, _ARBITRARY),
-  )(q_lo.reshape(-1), q_hi.reshape(-1), q_h, do_h, lse[:, :, None, :], delta[:, :, None, :],
-    k_h, v_h, q_pos[:, None, :], q_seg[:, None, :], kv_pos[:, :, None], kv_seg[:, :, None])
-  return _head_major(dq), _head_major(dk), _head_major(dv)
+  )(q_lo.reshape(-1), q_hi.reshape(-1), q_k, do_k, lse[:, :, None, :], delta[:, :, None, :],
+    k_k, v_k, q_pos[:, None, :], q_seg[:, None, :], kv_pos[:, :, None], kv_seg[:, :, None])
+  return layout.from_kernel(dq), layout.from_kernel(dk), layout.from_kernel(dv)

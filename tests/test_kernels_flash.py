@@ -134,13 +134,14 @@ def test_gpu_kernels_fully_masked_rows_are_exercised():
                                  "orphan", jnp.float32, 0, tol=1e-5)
 
 
-@pytest.mark.parametrize("dtype,causal,window,pos_kind,seg_kind,tol", [
-    (jnp.float32, True, 100, "shuffled", "orphan", 1e-5),
-    (jnp.bfloat16, False, None, "iota", "packed", 2e-2),
+@pytest.mark.parametrize("head_dim,dtype,causal,window,pos_kind,seg_kind,tol", [
+    (32, jnp.float32, True, 100, "shuffled", "orphan", 1e-5),    # head-major layout
+    (128, jnp.bfloat16, False, None, "iota", "packed", 2e-2),    # [B, S, H*D] layout
+    (128, jnp.float32, True, None, "routed", "none", 1e-5),
 ])
-def test_tpu_kernels(dtype, causal, window, pos_kind, seg_kind, tol):
+def test_tpu_kernels(head_dim, dtype, causal, window, pos_kind, seg_kind, tol):
   # S = T = 200: two 128-wide tiles with padding; GQA 2:1.
-  check_against_reference("tpu", BlockSizes(128, 128, 128, 128), (1, 200, 200, 2, 1, 32),
+  check_against_reference("tpu", BlockSizes(128, 128, 128, 128), (1, 200, 200, 2, 1, head_dim),
                           causal, window, pos_kind, seg_kind, dtype, 1, tol)
 
 
