@@ -358,4 +358,11 @@ def _define_flags():
 if __name__ == "__main__":
   from absl import app
   _define_flags()
-  app.run(main)
+  try:
+    app.run(main)
+  except (KeyError, AttributeError) as e:  # raised by config_flags for an unknown field
+    if not any(a.startswith("--config.") for a in sys.argv):
+      raise
+    print(f"error: a --config.FIELD override names a field the config does not have: {e}",
+          file=sys.stderr)
+    sys.exit(2)
