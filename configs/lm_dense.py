@@ -26,13 +26,13 @@ from train import data as data_lib
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.total_steps = 600
+  c.total_steps = 300
   c.batch_size = 16             # global, in packed sequences
   c.seq_len = 128
-  c.checkpoint_every = 200
-  c.eval_every = 200
+  c.checkpoint_every = 100
+  c.eval_every = 100
   c.eval_steps = 4              # held-out batches per evaluation
-  c.log_every = 50
+  c.log_every = 25
   c.keep_checkpoints = 2
   c.max_nonfinite_steps = 10    # this many skipped (NaN/Inf) steps in a row stop the run
   c.init_from = ""              # another run's checkpoint dir or a Hugging Face model dir
@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=3e-3,
       schedule="cosine",        # cosine | linear | constant (after linear warmup)
-      warmup_steps=50,
+      warmup_steps=30,
       min_learning_rate_ratio=0.1,
       weight_decay=0.1,
       b1=0.9,
