@@ -8,7 +8,7 @@ from flax import nnx
 
 from models import duo, registry, transformer
 
-TINY = dict(vocab_size=64, dim=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
+TINY = dict(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
             mlp_dim=64)
 
 

@@ -11,7 +11,8 @@ from flax import nnx
 from kernels.attention import attention
 from models import mod, registry, transformer
 
-TINY = dict(vocab_size=64, dim=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
+# Two layers (dense, routed) keep compile times small; num_layers=4 cases check interleaving.
+TINY = dict(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
             mlp_dim=64)
 
 
@@ -69,7 +70,8 @@ def _jit_value_and_grad(model, fn, cot):
 
   def loss(st):
     out = fn(nnx.merge(graphdef, st))
-    return jnp.sum(out * cot), out
+    logits = out[0] if isinstance(out, tuple) else out
+    return jnp.sum(logits * cot), out
   (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
   return out, grads
 
@@ -86,22 +88,22 @@ def _assert_trees_close(a, b, tol):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("capacity,packed,activation", [
-    (0.25, True, "identity"), (0.5, True, "sigmoid"), (0.125, False, "identity"),
-    (1.0, True, "identity")])
-def test_mod_equals_masked_dense_oracle_outputs_and_grads(capacity, packed, activation):
+@pytest.mark.parametrize("capacity,packed,activation,layers", [
+    (0.25, True, "identity", 4), (0.5, True, "sigmoid", 2), (0.125, False, "identity", 2)])
+def test_mod_equals_masked_dense_oracle_outputs_and_grads(capacity, packed, activation, layers):
   b, s = 2, 16
-  config = mod.Config(**TINY, capacity=capacity, router_activation=activation)
+  config = mod.Config(**dict(TINY, num_layers=layers), capacity=capacity,
+                      router_activation=activation)
   model = mod.MoDTransformer(config, rngs=nnx.Rngs(1))
   tokens = _tokens(b, s)
   segs = _packed_segments(b, s) if packed else None
   # Cotangent scaled so gradients are O(1): the tolerance is then absolute and relative.
   cot = 0.05 * jax.random.normal(jax.random.key(3), (b, s, TINY["vocab_size"]))
-  logits, g_mod = _jit_value_and_grad(model, lambda m: m(tokens, segment_ids_BS=segs)[0], cot)
+  (logits, aux), g_mod = _jit_value_and_grad(model, lambda m: m(tokens, segment_ids_BS=segs),
+                                              cot)
   expected, g_ref = _jit_value_and_grad(
       model, lambda m: oracle_forward(m, tokens, segs, capacity), cot)
   np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
-  aux = _jit(model, lambda m: m(tokens, segment_ids_BS=segs)[1])
   assert float(aux["metrics"]["mod/routed_fraction"]) == pytest.approx(
       max(1, math.floor(capacity * s + 0.5)) / s)
   _assert_trees_close(g_mod, g_ref, 1e-5)
@@ -146,10 +148,11 @@ def test_losses_and_metrics_reported_and_predictor_is_stop_gradient():
     assert np.abs(np.asarray(leaf)).max() == 0
 
 
-@pytest.mark.parametrize("decode_router", ["predictor", "router"])
-def test_decoding_equals_teacher_forced_threshold_routing(decode_router):
+@pytest.mark.parametrize("decode_router,layers", [("predictor", 4), ("router", 2)])
+def test_decoding_equals_teacher_forced_threshold_routing(decode_router, layers):
   b, s, prompt = 2, 10, 4
-  config = mod.Config(**TINY, capacity=0.25, decode_router=decode_router)
+  config = mod.Config(**dict(TINY, num_layers=layers), capacity=0.25,
+                      decode_router=decode_router)
   model = mod.MoDTransformer(config, rngs=nnx.Rngs(5))
   tokens = _tokens(b, s, 3)
   expected, aux = _jit(model, lambda m: m(tokens, routing="threshold"))

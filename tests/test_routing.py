@@ -19,7 +19,7 @@ def test_capacity_k_is_static_rounded_and_bounded():
     routing.capacity_k(0.0, 8)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 12), st.data())
 def test_expert_choice_matches_numpy(b, s, data):
   k = data.draw(st.integers(1, s))
