@@ -38,7 +38,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from kernels import decode_attention as _decode
+from kernels.decode_attention import pallas_decode_attention, xla_decode_attention
 from kernels import flash_common, flash_gpu, flash_tpu
 from kernels.block_sizes import BlockSizes, default_block_sizes, fit
 
@@ -285,11 +285,10 @@ def decode_attention(q_BQHD, k_cache_BTKD, v_cache_BTKD, lengths_B, *, q_positio
     q_positions = lengths_B[:, None] - nq + jnp.arange(nq)[None, :]
   scale = d ** -0.5 if scale is None else scale
   if impl == "xla":
-    return _decode.xla_decode_attention(q_BQHD, k_cache_BTKD, v_cache_BTKD, lengths_B,
-                                        q_positions, causal=causal, window=sliding_window,
-                                        scale=scale)
+    return xla_decode_attention(q_BQHD, k_cache_BTKD, v_cache_BTKD, lengths_B, q_positions,
+                                causal=causal, window=sliding_window, scale=scale)
   platform = _pallas_platform(pallas_platform, interpret)
-  return _decode.pallas_decode_attention(
+  return pallas_decode_attention(
       q_BQHD, k_cache_BTKD, v_cache_BTKD, lengths_B, q_positions, causal=causal,
       window=sliding_window, scale=scale, platform=platform, num_splits=num_splits,
       block_sizes=block_sizes, interpret=_interpret_param(platform, interpret))

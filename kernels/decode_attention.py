@@ -145,6 +145,11 @@ def _default_splits(platform, batch, kv_heads, kv_len, bkv):
 def pallas_decode_attention(q_BQHD, k_BTKD, v_BTKD, lengths_B, q_pos_BQ, *, causal, window,
                             scale, platform, num_splits=None, block_sizes=None, interpret=False):
   """Split-K decode on `platform` ("tpu" | "gpu"); see the module docstring."""
+  d_in = q_BQHD.shape[3]
+  d_pad = 0 if platform == "tpu" else max(16, 1 << (d_in - 1).bit_length()) - d_in
+  if d_pad:   # Triton tiles are powers of two; zero columns change nothing
+    pad_d = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, d_pad),))
+    q_BQHD, k_BTKD, v_BTKD = pad_d(q_BQHD), pad_d(k_BTKD), pad_d(v_BTKD)
   b, nq, h, d = q_BQHD.shape
   t, kv_heads = k_BTKD.shape[1], k_BTKD.shape[2]
   group = h // kv_heads
@@ -203,7 +208,7 @@ def pallas_decode_attention(q_BQHD, k_BTKD, v_BTKD, lengths_B, q_pos_BQ, *, caus
       k.reshape(b, -1, kv_heads * d), v.reshape(b, -1, kv_heads * d))
   out_BKRD = combine_splits(o_part, lse_part[..., 0])[:, :, :rows]
   out = out_BKRD.reshape(b, kv_heads, group, nq, d).transpose(0, 3, 1, 2, 4)
-  return out.reshape(b, nq, h, d).astype(q_BQHD.dtype)
+  return out.reshape(b, nq, h, d)[..., :d_in].astype(q_BQHD.dtype)
 
 
 def combine_splits(o_BNKRD, lse_BNKR):

@@ -50,7 +50,7 @@ def test_decode_matches_reference(platform, impl, nq, h, k, window, splits, dtyp
 
 def test_decode_explicit_positions_and_blind_rows():
   """Explicit query positions; a query at position -1 sees nothing and returns zeros."""
-  q, kc, vc, lengths = decode_case(1, 3, 2, 4, 2, 16, 70)
+  q, kc, vc, lengths = decode_case(1, 3, 2, 4, 2, 24, 70)   # head dim 24: padded to 32
   q_pos = jnp.asarray([[5, 69], [-1, 0], [10, 30]], jnp.int32)
   out = decode_attention(q, kc, vc, lengths, q_positions=q_pos, impl="pallas", interpret=True,
                          num_splits=3, block_sizes=BlockSizes(16, 16, 16, 16, block_kv_decode=16))
