@@ -31,8 +31,8 @@ def _reference_and_jax_nn(q, k, v, ids, *, causal, window):
   return out, lse, expected, expected_lse, mask_BST.any(-1)
 
 
-@settings(max_examples=6, deadline=None)
-@given(k=st.sampled_from([1, 4]), st_len=st.sampled_from([(6, 6), (5, 11)]),
+@settings(max_examples=5, deadline=None)
+@given(k=st.sampled_from([1, 4]), st_len=st.sampled_from([(6, 11)]),
        causal=st.booleans(), window=st.sampled_from([None, 3]), seed=st.integers(0, 999))
 def test_reference_matches_jax_nn(k, st_len, causal, window, seed):
   s, t = st_len
