@@ -51,14 +51,17 @@ def greedy(model, prompts):
 def test_cached_decoding_reproduces_teacher_forced_logits(model, prompts):
   """Padded-batch prefill + per-row decode steps (the protocol generate uses)."""
   b = len(LENGTHS)
+  graphdef, state = nnx.split(model)
+  forward_cached = jax.jit(lambda state, tokens, positions, cache: nnx.merge(
+      graphdef, state).forward_cached(tokens, positions, cache))
   cache = model.init_cache(b, S + N - 1)
   positions = jnp.broadcast_to(jnp.arange(S), (b, S))
-  logits, cache = model.forward_cached(jnp.asarray(prompts), positions, cache)
+  logits, cache = forward_cached(state, jnp.asarray(prompts), positions, cache)
   step_logits = [np.asarray(logits)[np.arange(b), LENGTHS - 1]]
   tokens = [np.argmax(step_logits[-1], -1).astype(np.int32)]
   for i in range(1, N):
-    logits, cache = model.forward_cached(jnp.asarray(tokens[-1])[:, None],
-                                         jnp.asarray(LENGTHS - 1 + i)[:, None], cache)
+    logits, cache = forward_cached(state, jnp.asarray(tokens[-1])[:, None],
+                                   jnp.asarray(LENGTHS - 1 + i)[:, None], cache)
     step_logits.append(np.asarray(logits)[:, 0])
     tokens.append(np.argmax(step_logits[-1], -1).astype(np.int32))
   generated = np.stack(tokens, 1)
@@ -85,6 +88,31 @@ def test_repeated_call_does_not_recompile(model, prompts, greedy):
   again = decoding.generate(model, prompts, LENGTHS, max_new_tokens=N)
   np.testing.assert_array_equal(again.tokens_BN, greedy.tokens_BN)
   assert (decoding._prefill._cache_size(), decoding._decode._cache_size()) == sizes
+
+
+def test_decode_loop_never_copies_the_whole_cache(model):
+  """In the compiled while-loop body no op produces the stacked cache [L, B, T, K, D]
+  (no per-step stack/update of the whole cache) and, on CPU, no op produces a
+  head-major [B, K, T, D] layer (no per-step transpose copy of a cache layer)."""
+  b, capacity = len(LENGTHS), S + N - 1
+  graphdef, state = nnx.split(model)
+  cache = model.init_cache(b, capacity)
+  knobs = decoding._Knobs(jnp.float32(1), jnp.float32(1), jnp.zeros((0,), jnp.int32),
+                          jnp.int32(0), jax.random.key(0))
+  hlo = decoding._decode.lower(
+      graphdef, state, cache, jnp.zeros(b, jnp.int32), jnp.zeros(b), jnp.zeros(b, bool),
+      jnp.asarray(LENGTHS), knobs, jnp.zeros((b, N), jnp.int32),
+      mode=decoding._mode(decoding.Sampling())).compile().as_text()
+  body = [line for line in hlo.splitlines() if "while/body" in line]
+  assert body
+  c = CONFIG
+  stacked = f"f32[{c.num_layers},{b},{capacity},{c.num_kv_heads},{c.head_dim}]"
+  head_major = f"f32[{b},{c.num_kv_heads},{capacity},{c.head_dim}]"
+  layer = f"f32[{b},{capacity},{c.num_kv_heads},{c.head_dim}]"
+  assert any(f"= {layer}" in line for line in body)  # the per-layer in-place writes
+  assert not [line for line in body if f"= {stacked}" in line]
+  if jax.default_backend() == "cpu":
+    assert not [line for line in body if f"= {head_major}" in line]
 
 
 def test_eos_stops_each_row_and_pads(model, prompts, greedy):
