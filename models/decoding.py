@@ -15,11 +15,19 @@ feeds one token per row per step, each row at its own position, and stops a
 row at any of `eos_ids` (the EOS token is kept) or after `max_new_tokens`; the
 loop ends as soon as every row has stopped.
 
-The cache lives in one buffer of capacity S + max_new_tokens - 1, allocated
-once per call and donated into both jitted functions, so it is updated in
-place and never copied per step. The jitted functions are module-level and
-take the model's graphdef as a static argument: a second call with the same
-model structure, shapes and sampling mode reuses the compiled code.
+The cache has capacity S + max_new_tokens - 1, is allocated once per call and
+donated into both jitted functions. Inside the loop its per-layer slices (and
+the per-layer weights) are held as separate arrays and re-stacked for each
+`forward_cached` call, which XLA folds away: every layer's cache is written
+in place and nothing cache- or weight-sized is copied per step (checked on
+the compiled HLO by tests/test_decoding.py). The jitted functions are
+module-level and take the model's graphdef as a static argument: a second
+call with the same model structure, shapes and sampling mode reuses the
+compiled code (temperature, top_p, eos ids, pad id and the key are traced;
+greedy-vs-sampling, top_k and top_p < 1 are static).
+
+Log-probabilities are the model's raw log_softmax of the chosen token, before
+temperature / top-k / top-p, which is what RL importance ratios need.
 
 Randomness is explicit: the token of generation step i is drawn with
 `jax.random.fold_in(rng, i)`, so a row's samples depend only on `rng`, the
@@ -38,7 +46,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import kv_cache as kv_cache_lib
 
 
 @dataclasses.dataclass(frozen=True)
