@@ -62,6 +62,9 @@ class Config(transformer.Config):
         or not 1 <= self.small_mlp_dim < self.mlp_dim):
       raise ValueError(f"model.small_mlp_dim={self.small_mlp_dim!r}: must be an integer in "
                        f"[1, model.mlp_dim={self.mlp_dim})")
+    if self.scan_layers:
+      raise ValueError("model.scan_layers=True is not supported by the 'duo' model yet; "
+                       "allowed: False")
     if (isinstance(self.compute_penalty, bool)
         or not isinstance(self.compute_penalty, (int, float)) or self.compute_penalty < 0):
       raise ValueError(f"model.compute_penalty={self.compute_penalty!r}: must be a number >= 0")
@@ -82,6 +85,23 @@ class SmallMLP(nnx.Module):
 
   def __call__(self, x_BSD):
     return self.mlp(x_BSD)
+
+
+def _remat_layer(model, layer_fn):
+  """`x -> layer_fn(model, x)`, under jax.checkpoint with the config's remat policy.
+
+  With remat "none" the call is direct. Otherwise the model's state goes in as
+  an explicit argument (split outside, merged inside the checkpoint), so the
+  backward pass recomputes the layer from its input and the saved residuals
+  the policy (`transformer.REMAT_POLICIES`) allows.
+  """
+  c = model.config
+  if c.remat == "none":
+    return lambda x: layer_fn(model, x)
+  graphdef, state = nnx.split(model)
+  checkpointed = jax.checkpoint(lambda st, x: layer_fn(nnx.merge(graphdef, st), x),
+                                policy=transformer.REMAT_POLICIES[c.remat], prevent_cse=True)
+  return lambda x: checkpointed(state, x)
 
 
 class DuoTransformer(transformer.Transformer):
@@ -114,23 +134,29 @@ class DuoTransformer(transformer.Transformer):
     x_BSD = self.embed_tokens(tokens_BS)
     counts, expected_cost = [], []
     for i in range(c.num_layers):
-      block, small = self._layer(self.layers, i), self._layer(self.small_mlps, i)
-      a_BSD, _ = block.attn(block.attn_norm(x_BSD), positions_BS, segment_ids_BS)
-      h_BSD = x_BSD + a_BSD
-      n_BSD = block.mlp_norm(h_BSD)
-      logits_BSO = jnp.einsum("bsd,do->bso", n_BSD.astype(jnp.float32), self.ffn_router[...][i])
-      p_BSO = jax.nn.softmax(logits_BSO, axis=-1)
-      if routing_LBS is None:
-        onehot_BSO = jax.nn.one_hot(jnp.argmax(logits_BSO, -1), 3, dtype=jnp.float32)
-        w_BSO = onehot_BSO + p_BSO - jax.lax.stop_gradient(p_BSO)  # Straight-through.
-      else:
-        onehot_BSO = jax.nn.one_hot(routing_LBS[i], 3, dtype=jnp.float32)
-        w_BSO = onehot_BSO
-      ffn_BSD = (w_BSO[..., SMALL:SMALL + 1] * small(n_BSD).astype(jnp.float32)
-                 + w_BSO[..., BIG:BIG + 1] * block.mlp(n_BSD).astype(jnp.float32))
-      x_BSD = h_BSD + ffn_BSD.astype(h_BSD.dtype)
-      counts.append(jnp.mean(onehot_BSO, axis=(0, 1)))
-      expected_cost.append(jnp.mean(p_BSO @ costs_O))
+
+      def layer(model, x_BSD, i=i):
+        block, small = model._layer(model.layers, i), model._layer(model.small_mlps, i)
+        a_BSD, _ = block.attn(block.attn_norm(x_BSD), positions_BS, segment_ids_BS)
+        h_BSD = x_BSD + a_BSD
+        n_BSD = block.mlp_norm(h_BSD)
+        logits_BSO = jnp.einsum("bsd,do->bso", n_BSD.astype(jnp.float32),
+                                model.ffn_router[...][i])
+        p_BSO = jax.nn.softmax(logits_BSO, axis=-1)
+        if routing_LBS is None:
+          onehot_BSO = jax.nn.one_hot(jnp.argmax(logits_BSO, -1), 3, dtype=jnp.float32)
+          w_BSO = onehot_BSO + p_BSO - jax.lax.stop_gradient(p_BSO)  # Straight-through.
+        else:
+          onehot_BSO = jax.nn.one_hot(routing_LBS[i], 3, dtype=jnp.float32)
+          w_BSO = onehot_BSO
+        ffn_BSD = (w_BSO[..., SMALL:SMALL + 1] * small(n_BSD).astype(jnp.float32)
+                   + w_BSO[..., BIG:BIG + 1] * block.mlp(n_BSD).astype(jnp.float32))
+        return (h_BSD + ffn_BSD.astype(h_BSD.dtype), jnp.mean(onehot_BSO, axis=(0, 1)),
+                jnp.mean(p_BSO @ costs_O))
+
+      x_BSD, count_O, cost = _remat_layer(self, layer)(x_BSD)
+      counts.append(count_O)
+      expected_cost.append(cost)
     frac_O = jnp.mean(jnp.stack(counts), axis=0)
     metrics = {"duo/frac_skip": frac_O[SKIP], "duo/frac_small": frac_O[SMALL],
                "duo/frac_big": frac_O[BIG], "duo/realised_cost": frac_O @ costs_O,

@@ -69,6 +69,9 @@ class Config(transformer.Config):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"model.{name}={value!r}: must be a number")
+    if self.scan_layers:
+      raise ValueError("model.scan_layers=True is not supported by the 'first' model yet; "
+                       "allowed: False")
     if self.skip_penalty < 0:
       raise ValueError(f"model.skip_penalty={self.skip_penalty!r}: must be >= 0")
     if not self.gate_temperature > 0:
@@ -106,6 +109,23 @@ class FiRSTCache:
   @property
   def capacity(self) -> int:
     return self.k_LBTKD.shape[2]
+
+
+def _remat_layer(model, layer_fn):
+  """`x -> layer_fn(model, x)`, under jax.checkpoint with the config's remat policy.
+
+  With remat "none" the call is direct. Otherwise the model's state goes in as
+  an explicit argument (split outside, merged inside the checkpoint), so the
+  backward pass recomputes the layer from its input and the saved residuals
+  the policy (`transformer.REMAT_POLICIES`) allows.
+  """
+  c = model.config
+  if c.remat == "none":
+    return lambda x: layer_fn(model, x)
+  graphdef, state = nnx.split(model)
+  checkpointed = jax.checkpoint(lambda st, x: layer_fn(nnx.merge(graphdef, st), x),
+                                policy=transformer.REMAT_POLICIES[c.remat], prevent_cse=True)
+  return lambda x: checkpointed(state, x)
 
 
 class FiRSTTransformer(transformer.Transformer):
@@ -152,18 +172,24 @@ class FiRSTTransformer(transformer.Transformer):
     x_BSD = self.embed_tokens(tokens_BS)
     probs, skipped = [], []
     for i in range(c.num_layers):
-      pooled_BSD = jnp.einsum("bst,btd->bsd", pool_BSS, x_BSD.astype(jnp.float32))
-      p_BS = self.gate_prob(i, pooled_BSD.reshape(b * s, -1)).reshape(b, s)
-      y_BSD, _ = self._block(i)(x_BSD, positions_BS, segment_ids_BS)
-      if gates == "relaxed":
-        update = p_BS[..., None] * (y_BSD - x_BSD).astype(jnp.float32)
-        x_BSD = x_BSD + update.astype(x_BSD.dtype)
-        skipped.append(jnp.float32(0.0))
-      else:
-        execute_BS = p_BS >= 0.5
-        x_BSD = jnp.where(execute_BS[..., None], y_BSD, x_BSD)
-        skipped.append(1.0 - jnp.mean(execute_BS.astype(jnp.float32)))
-      probs.append(jnp.mean(p_BS))
+
+      def layer(model, x_BSD, i=i):
+        pooled_BSD = jnp.einsum("bst,btd->bsd", pool_BSS, x_BSD.astype(jnp.float32))
+        p_BS = model.gate_prob(i, pooled_BSD.reshape(b * s, -1)).reshape(b, s)
+        y_BSD, _ = model._block(i)(x_BSD, positions_BS, segment_ids_BS)
+        if gates == "relaxed":
+          update = p_BS[..., None] * (y_BSD - x_BSD).astype(jnp.float32)
+          x_BSD = x_BSD + update.astype(x_BSD.dtype)
+          skipped = jnp.float32(0.0)
+        else:
+          execute_BS = p_BS >= 0.5
+          x_BSD = jnp.where(execute_BS[..., None], y_BSD, x_BSD)
+          skipped = 1.0 - jnp.mean(execute_BS.astype(jnp.float32))
+        return x_BSD, skipped, jnp.mean(p_BS)
+
+      x_BSD, skipped_i, prob_i = _remat_layer(self, layer)(x_BSD)
+      skipped.append(skipped_i)
+      probs.append(prob_i)
     executed_prob = jnp.mean(jnp.stack(probs))
     metrics = {"first/executed_prob": executed_prob,
                "first/skip_fraction": jnp.mean(jnp.stack(skipped))}

@@ -98,6 +98,9 @@ class Config(transformer.Config):
     if not self.routed_layers:
       raise ValueError(f"model.routed_offset={self.routed_offset!r}: no routed block among "
                        f"model.num_layers={self.num_layers}")
+    if self.scan_layers:
+      raise ValueError("model.scan_layers=True is not supported by the 'mod' model yet; "
+                       "allowed: False")
     if self.router_activation not in ROUTER_ACTIVATIONS:
       raise ValueError(f"model.router_activation={self.router_activation!r}; "
                        f"allowed: {ROUTER_ACTIVATIONS}")
@@ -146,6 +149,23 @@ def _residual_f(block, x_BSD, positions_BS, segment_ids_BS, kv_segment_ids_BS=No
                        sliding_window=c.sliding_window, impl=c.attention_impl)
   a_BSD = block.attn.o_proj(out_BSHD)
   return a_BSD + block.mlp(block.mlp_norm(x_BSD + a_BSD))
+
+
+def _remat_layer(model, layer_fn):
+  """`x -> layer_fn(model, x)`, under jax.checkpoint with the config's remat policy.
+
+  With remat "none" the call is direct. Otherwise the model's state goes in as
+  an explicit argument (split outside, merged inside the checkpoint), so the
+  backward pass recomputes the layer from its input and the saved residuals
+  the policy (`transformer.REMAT_POLICIES`) allows.
+  """
+  c = model.config
+  if c.remat == "none":
+    return lambda x: layer_fn(model, x)
+  graphdef, state = nnx.split(model)
+  checkpointed = jax.checkpoint(lambda st, x: layer_fn(nnx.merge(graphdef, st), x),
+                                policy=transformer.REMAT_POLICIES[c.remat], prevent_cse=True)
+  return lambda x: checkpointed(state, x)
 
 
 class MoDTransformer(transformer.Transformer):
@@ -234,14 +254,22 @@ class MoDTransformer(transformer.Transformer):
                                    "router_weight_selected", "router_accuracy",
                                    "predictor_accuracy")}
     for i in range(c.num_layers):
-      block = self._block(i)
-      if i not in routed:
-        x_BSD, _ = block(x_BSD, positions_BS, segment_ids_BS)
-      elif mode == "topk":
-        x_BSD = self._routed_topk(block, routed[i], x_BSD, positions_BS, segment_ids_BS, stats)
-      else:
-        x_BSD = self._routed_threshold(block, routed[i], x_BSD, positions_BS, segment_ids_BS,
-                                       stats)
+
+      def layer(model, x_BSD, i=i):
+        block, local = model._block(i), {name: [] for name in stats}
+        if i not in routed:
+          x_BSD, _ = block(x_BSD, positions_BS, segment_ids_BS)
+        elif mode == "topk":
+          x_BSD = model._routed_topk(block, routed[i], x_BSD, positions_BS, segment_ids_BS,
+                                     local)
+        else:
+          x_BSD = model._routed_threshold(block, routed[i], x_BSD, positions_BS,
+                                          segment_ids_BS, local)
+        return x_BSD, local
+
+      x_BSD, local = _remat_layer(self, layer)(x_BSD)
+      for name, values in local.items():
+        stats[name].extend(values)
     mean = lambda v: jnp.mean(jnp.stack(v))  # noqa: E731
     metrics = {f"mod/{k}": mean(v) for k, v in stats.items()
                if v and k not in ("router_bce", "predictor_bce")}
