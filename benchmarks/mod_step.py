@@ -1,0 +1,239 @@
+"""Train-step time of Mixture-of-Depths against the dense model of the same shape.
+
+    python -m benchmarks.mod_step [--seq=1024 --batch=2 --steps=3 --rounds=3]
+    # accelerator, e.g.: --dim=1024 --layers=12 --heads=16 --head_dim=64 --mlp_dim=4096
+    #                    --batch=8 --seq=2048 --dtype=bfloat16 --steps=10 --rounds=5
+
+Both models are stepped by the trainer's own jitted step (`train.trainer.setup`:
+value_and_grad of LM loss + aux losses, global-norm clipping + AdamW, non-finite
+skip, donated state), on the same random [B, S] batches. MoD: capacity 12.5%,
+every other block routed (offset 1), paper router (x + r·f(x)), predictor and
+router BCE losses on. Rounds of `--steps` steps alternate dense/MoD (order
+flipped every round) so machine load hits both alike; the median per-step time
+of the rounds is reported.
+
+    time_ratio = t_MoD / t_dense
+    flop_ratio = executed_train_flops(MoD) / dense_train_flops   (adaptive/flops.py)
+    overhead   = time_ratio / flop_ratio          target: <= 1.15
+
+A per-piece breakdown (`--breakdown`, on by default) times, jitted, fwd+bwd of
+one routed block's pieces at the benchmark shape: the dense block on S tokens,
+the block on the k routed tokens, router + top-k + gather/scatter alone, and the
+predictor MLP + BCE; this is where MoD's overhead beyond its FLOPs comes from.
+Writes benchmarks/results/mod_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from adaptive import flops as flops_lib
+from adaptive import routing
+from configs import lm_dense
+from models import mod, registry
+from train import config_lib, sharding, trainer
+
+TARGET_OVERHEAD = 1.15
+
+
+def make_config(args, kind: str):
+  c = lm_dense.get_config()
+  c.batch_size, c.seq_len, c.total_steps = args.batch, args.seq, 1000
+  c.optimizer.warmup_steps = 10
+  c.mesh.data = -1
+  with c.unlocked():
+    c.model.update(dict(kind=kind, vocab_size=args.vocab, dim=args.dim, num_layers=args.layers,
+                        num_heads=args.heads, num_kv_heads=args.kv_heads,
+                        head_dim=args.head_dim, mlp_dim=args.mlp_dim, dtype=args.dtype,
+                        param_dtype="float32", remat=args.remat))
+    if kind == "mod":
+      c.model.update(dict(capacity=args.capacity, routed_every=2, routed_offset=1,
+                          router_activation="identity", decode_router="predictor",
+                          router_loss_weight=0.01, predictor_loss_weight=0.01,
+                          predictor_hidden=args.predictor_hidden))
+  return c
+
+
+def host_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    tokens = rng.integers(3, vocab, (batch, seq + 1)).astype(np.int32)
+    out.append({"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+                "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+                "segment_ids": np.ones((batch, seq), np.int32),
+                "loss_mask": np.ones((batch, seq), np.float32)})
+  return out
+
+
+class Runner:
+  """One model stepped by train.trainer's jitted train step."""
+
+  def __init__(self, config):
+    self.run = config_lib.validate(config, num_devices=jax.device_count())
+    mesh = sharding.make_mesh(dict(config.mesh))
+    self.setup = trainer.setup(self.run, config, mesh)
+    self.state = self.setup.init()
+
+  def steps(self, batches) -> dict:
+    metrics = None
+    for b in batches:
+      self.state, metrics = self.setup.train_step(self.state,
+                                                  trainer.device_batch(b, self.setup))
+    return jax.device_get(metrics)
+
+
+def timed_round(runner: Runner, batches) -> float:
+  start = time.perf_counter()
+  runner.steps(batches)
+  return (time.perf_counter() - start) / len(batches)
+
+
+def _time(fn, *args, reps: int = 5) -> float:
+  jax.block_until_ready(fn(*args))  # compile
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def breakdown(mod_config, batch: int, seq: int) -> dict:
+  """Seconds (median, fwd+bwd, jitted) of one routed block's pieces at [batch, seq]."""
+  model = mod.MoDTransformer(mod_config, rngs=nnx.Rngs(0))
+  k = routing.capacity_k(mod_config.capacity, seq)
+  x_BSD = jax.random.normal(jax.random.key(1), (batch, seq, mod_config.dim),
+                            mod_config.compute_dtype)
+  pos_BS = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+  graphdef, state = nnx.split(model)
+
+  def grad_of(f):
+    def loss(st, x):
+      return jnp.sum(f(nnx.merge(graphdef, st), x).astype(jnp.float32) ** 2)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+  def dense_block(m, x):
+    return m._block(1)(x, pos_BS, None)[0]
+
+  def routed_block(m, x):
+    stats = {n: [] for n in ("router_bce", "predictor_bce", "routed_fraction",
+                             "router_weight_selected", "router_accuracy", "predictor_accuracy")}
+    return m._routed_topk(m._block(1), 0, x, pos_BS, None, stats)
+
+  def block_on_k(m, x):
+    return mod._residual_f(m._block(1), x[:, :k], pos_BS[:, :k], None)
+
+  def route_only(m, x):  # router + top-k + gather + scatter with f = identity
+    r_BS = m.router_logits(0, x)
+    sel = routing.expert_choice(r_BS, k, pos_BS)
+    x_BKD = routing.gather_tokens(x, sel.indices_BK)
+    g_BK = routing.gather_tokens(r_BS, sel.indices_BK)
+    return routing.scatter_tokens(x, x_BKD * (1 + g_BK[..., None]).astype(x.dtype),
+                                  sel.indices_BK)
+
+  def predictor(m, x):
+    sel = jnp.zeros(x.shape[:2], bool).at[:, :k].set(True)
+    logits = routing.predictor_logits(m.predictor_params(0), x)
+    return routing.bce_with_logits(logits, sel) + routing.router_bce_loss(m.router_logits(0, x),
+                                                                          sel)
+
+  out = {name: _time(grad_of(f), state, x_BSD)
+         for name, f in (("dense_block_S", dense_block), ("mod_routed_block", routed_block),
+                         ("block_on_k_tokens", block_on_k), ("router_topk_gather_scatter",
+                                                             route_only),
+                         ("predictor_and_bces", predictor))}
+  top_k = jax.jit(lambda r: routing.top_k_indices(r, k))
+  out["top_k_only_fwd"] = _time(top_k, jnp.asarray(np.random.default_rng(0).normal(
+      size=(batch, seq)), jnp.float32))
+  out["k"] = k
+  return out
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--vocab", type=int, default=320)
+  p.add_argument("--dim", type=int, default=256)
+  p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--heads", type=int, default=4)
+  p.add_argument("--kv_heads", type=int, default=4)
+  p.add_argument("--head_dim", type=int, default=64)
+  p.add_argument("--mlp_dim", type=int, default=768)
+  p.add_argument("--predictor_hidden", type=int, default=64)
+  p.add_argument("--capacity", type=float, default=0.125)
+  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--seq", type=int, default=1024)
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--remat", default="none")
+  p.add_argument("--steps", type=int, default=3, help="steps per timed round")
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True)
+  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                               "mod_step.json"))
+  args = p.parse_args()
+
+  configs = {kind: make_config(args, kind) for kind in ("dense", "mod")}
+  batches = host_batches(args.steps, args.batch, args.seq, args.vocab)
+  runners, compile_s, times = {}, {}, {"dense": [], "mod": []}
+  for kind in ("dense", "mod"):
+    start = time.perf_counter()
+    runners[kind] = Runner(configs[kind])
+    runners[kind].steps(batches[:1])
+    compile_s[kind] = time.perf_counter() - start
+    print(f"{kind}: compile + first step {compile_s[kind]:.1f} s", flush=True)
+  for r in range(args.rounds):
+    for kind in (("dense", "mod") if r % 2 == 0 else ("mod", "dense")):
+      times[kind].append(timed_round(runners[kind], batches))
+      print(f"round {r} {kind}: {times[kind][-1]:.3f} s/step", flush=True)
+
+  mod_cfg = runners["mod"].run.model_config
+  dense_cfg = runners["dense"].run.model_config
+  flop = {"dense": flops_lib.dense_train_flops(dense_cfg, args.batch, args.seq),
+          "mod": flops_lib.executed_train_flops(mod_cfg, args.batch, args.seq)}
+  sec = {k: statistics.median(v) for k, v in times.items()}
+  time_ratio = sec["mod"] / sec["dense"]
+  flop_ratio = flop["mod"] / flop["dense"]
+  overhead = time_ratio / flop_ratio
+  result = {
+      "benchmark": "mod_step",
+      "step": "train.trainer.setup(...).train_step (the trainer's jitted step: LM + aux losses, "
+              "clip + AdamW, non-finite skip, donated state)",
+      "devices": [str(d) for d in jax.devices()], "device_kind": jax.devices()[0].device_kind,
+      "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
+      "machine": platform.machine(),
+      "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+                   "numpy": np.__version__, "python": platform.python_version()},
+      "config": {k: v for k, v in vars(args).items() if k != "out"},
+      "routed_layers": list(mod_cfg.routed_layers),
+      "k_per_row": flops_lib.mod_routed_tokens(mod_cfg, args.seq),
+      "seconds_per_step_median": sec, "seconds_per_step_all": times,
+      "compile_and_first_step_seconds": compile_s,
+      "train_flops_per_step": flop,
+      "time_ratio": time_ratio, "flop_ratio": flop_ratio, "overhead": overhead,
+      "target": f"time_ratio <= {TARGET_OVERHEAD} * flop_ratio",
+      "target_met": bool(overhead <= TARGET_OVERHEAD),
+  }
+  if args.breakdown:
+    result["breakdown_seconds_fwd_bwd"] = breakdown(mod_cfg, args.batch, args.seq)
+    print("breakdown:", json.dumps(result["breakdown_seconds_fwd_bwd"], indent=1), flush=True)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(json.dumps({k: result[k] for k in ("seconds_per_step_median", "time_ratio",
+                                           "flop_ratio", "overhead", "target_met")}, indent=2))
+
+
+if __name__ == "__main__":
+  main()
