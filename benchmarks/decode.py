@@ -128,7 +128,9 @@ def main():
       "transformers_warmup_s": round(hf_warmup_s, 2),
       "ours_call_s": [round(x, 3) for x in ours_s],
       "transformers_call_s": [round(x, 3) for x in theirs_s],
-      "note": "throughput = best of the repeats; compile/warm-up excluded",
+      "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+      "note": "throughput = best of the repeats; compile/warm-up excluded; other processes"
+              " sharing the CPU (see load average) slow both sides, torch's threads more",
   }
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
