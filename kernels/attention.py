@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.decode_attention import pallas_decode_attention, xla_decode_attention
-from kernels import flash_common, flash_gpu, flash_tpu
+from kernels import flash_common, flash_gpu, flash_tpu, xla_few_queries
 from kernels.block_sizes import BlockSizes, default_block_sizes, fit
 
 Impl = Literal["auto", "xla", "pallas", "cudnn"]
@@ -243,6 +243,8 @@ def attention(
   mask_BST = visibility_mask(
       positions, kv_positions, segment_ids, kv_segment_ids,
       causal=causal, sliding_window=sliding_window)
+  if xla_few_queries.use_few_query_path(q_BSHD, k_BTKD):
+    return xla_few_queries.few_query_attention(q_BSHD, k_BTKD, v_BTKD, mask_BST, scale)
   return _xla_attention(q_BSHD, k_BTKD, v_BTKD, mask_BST, scale)
 
 

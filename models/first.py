@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels.attention import attention
 from models import kv_cache as kv_cache_lib
 from models import transformer
 from models.layers import param
@@ -229,9 +228,9 @@ class FiRSTTransformer(transformer.Transformer):
         write_BS = jnp.where(execute_B[:, None], positions_BS, t)
         k_BTKD = kv_cache_lib.write(k_BTKD, k_BSKD, write_BS)
         v_BTKD = kv_cache_lib.write(v_BTKD, v_BSKD, write_BS)
-        out_BSHD = attention(q_BSHD, k_BTKD.astype(q_BSHD.dtype), v_BTKD.astype(q_BSHD.dtype),
-                             causal=True, positions=positions_BS, kv_positions=kv_positions_BT,
-                             sliding_window=c.sliding_window, impl=c.attention_impl)
+        out_BSHD = transformer.attend(
+            c, q_BSHD, k_BTKD.astype(q_BSHD.dtype), v_BTKD.astype(q_BSHD.dtype),
+            positions=positions_BS, kv_positions=kv_positions_BT)
         y = x + block.attn.o_proj(out_BSHD)
         y = y + block.mlp(block.mlp_norm(y))
         return jnp.where(execute_B[:, None, None], y, x), k_BTKD, v_BTKD

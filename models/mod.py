@@ -46,7 +46,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from adaptive import routing
-from kernels.attention import attention
 from models import kv_cache as kv_cache_lib
 from models import transformer
 from models.layers import param
@@ -144,9 +143,8 @@ def _residual_f(block, x_BSD, positions_BS, segment_ids_BS, kv_segment_ids_BS=No
   """
   c = block.attn.config
   q_BSHD, k_BSKD, v_BSKD = block.attn.project_qkv(block.attn_norm(x_BSD), positions_BS)
-  out_BSHD = attention(q_BSHD, k_BSKD, v_BSKD, causal=True, segment_ids=segment_ids_BS,
-                       positions=positions_BS, kv_segment_ids=kv_segment_ids_BS,
-                       sliding_window=c.sliding_window, impl=c.attention_impl)
+  out_BSHD = transformer.attend(c, q_BSHD, k_BSKD, v_BSKD, segment_ids=segment_ids_BS,
+                                positions=positions_BS, kv_segment_ids=kv_segment_ids_BS)
   a_BSD = block.attn.o_proj(out_BSHD)
   return a_BSD + block.mlp(block.mlp_norm(x_BSD + a_BSD))
 
@@ -338,10 +336,10 @@ class MoDTransformer(transformer.Transformer):
       q_BSHD, k_BSKD, v_BSKD = block.attn.project_qkv(block.attn_norm(x_BSD), positions_BS)
       k_BTKD = kv_cache_lib.write(k_all[i], k_BSKD, write_pos_BS)
       v_BTKD = kv_cache_lib.write(v_all[i], v_BSKD, write_pos_BS)
-      out_BSHD = attention(q_BSHD, k_BTKD.astype(q_BSHD.dtype), v_BTKD.astype(q_BSHD.dtype),
-                           causal=True, positions=positions_BS, kv_positions=kv_positions_BT,
-                           segment_ids=ones_BS, kv_segment_ids=valid_BT.astype(jnp.int32),
-                           sliding_window=c.sliding_window, impl=c.attention_impl)
+      out_BSHD = transformer.attend(
+          c, q_BSHD, k_BTKD.astype(q_BSHD.dtype), v_BTKD.astype(q_BSHD.dtype),
+          positions=positions_BS, kv_positions=kv_positions_BT, segment_ids=ones_BS,
+          kv_segment_ids=valid_BT.astype(jnp.int32))
       a_BSD = block.attn.o_proj(out_BSHD)
       if i in routed:
         f_BSD = a_BSD + block.mlp(block.mlp_norm(x_BSD + a_BSD))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels.attention import IMPLS as ATTENTION_IMPLS
-from kernels.attention import attention, visibility_mask
+from kernels.attention import attention
 from models import kv_cache as kv_cache_lib
 from models.layers import MLP, DenseGeneral, RMSNorm, apply_rope, param
 from models.layers import prefix_logical_axes, rope_inverse_frequencies
@@ -59,7 +59,8 @@ class Config:
     param_dtype: parameter storage dtype name.
     remat: activation checkpointing per block: one of REMAT_POLICIES.
     scan_layers: run the blocks as one lax.scan (flat compile time in depth).
-    attention_impl: passed to kernels.attention ("auto", "xla", ...).
+    attention_impl: passed to kernels.attention ("auto", "xla", "pallas", "cudnn").
+    attention_interpret: run the Pallas kernels in interpret mode (CPU testing).
   """
 
   vocab_size: int = 256
@@ -81,6 +82,7 @@ class Config:
   remat: str = "none"
   scan_layers: bool = False
   attention_impl: str = "auto"
+  attention_interpret: bool = False
 
   def __post_init__(self):
     self.validate()
@@ -139,6 +141,15 @@ class Config:
     return dataclasses.replace(self, **changes)
 
 
+def attend(config: Config, q_BSHD, k_BTKD, v_BTKD, **mask) -> jax.Array:
+  """Causal `kernels.attention` with the config's implementation and window.
+
+  `mask` holds the positions / segment ids keywords of `kernels.attention`.
+  """
+  return attention(q_BSHD, k_BTKD, v_BTKD, causal=True, sliding_window=config.sliding_window,
+                   impl=config.attention_impl, interpret=config.attention_interpret, **mask)
+
+
 class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE, optional QKV bias and q/k norm."""
 
@@ -182,64 +193,17 @@ class Attention(nnx.Module):
     c = self.config
     q_BSHD, k_BSKD, v_BSKD = self.project_qkv(x_BSD, positions_BS)
     if cache_kv is None:
-      out_BSHD = attention(q_BSHD, k_BSKD, v_BSKD, causal=True, segment_ids=segment_ids_BS,
-                           positions=positions_BS, sliding_window=c.sliding_window,
-                           impl=c.attention_impl)
+      out_BSHD = attend(c, q_BSHD, k_BSKD, v_BSKD, segment_ids=segment_ids_BS,
+                        positions=positions_BS)
     else:
       k_BTKD = kv_cache_lib.write(cache_kv[0], k_BSKD, positions_BS)
       v_BTKD = kv_cache_lib.write(cache_kv[1], v_BSKD, positions_BS)
       b, t = k_BTKD.shape[:2]
       kv_positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-      if _use_blockdiag_decode(q_BSHD, c):
-        out_BSHD = _blockdiag_cached_attention(
-            q_BSHD, k_BTKD.astype(q_BSHD.dtype), v_BTKD.astype(q_BSHD.dtype), positions_BS,
-            kv_positions_BT, sliding_window=c.sliding_window)
-      else:
-        out_BSHD = attention(q_BSHD, k_BTKD.astype(q_BSHD.dtype), v_BTKD.astype(q_BSHD.dtype),
-                             causal=True, positions=positions_BS, kv_positions=kv_positions_BT,
-                             sliding_window=c.sliding_window, impl=c.attention_impl)
+      out_BSHD = attend(c, q_BSHD, k_BTKD.astype(q_BSHD.dtype), v_BTKD.astype(q_BSHD.dtype),
+                        positions=positions_BS, kv_positions=kv_positions_BT)
       cache_kv = (k_BTKD, v_BTKD)
     return self.o_proj(out_BSHD), cache_kv
-
-
-def _use_blockdiag_decode(q_BSHD: jax.Array, c: Config) -> bool:
-  """Few queries (decode steps) over a cache, on the CPU XLA path."""
-  return (q_BSHD.shape[1] * q_BSHD.shape[2] <= 64 and c.attention_impl in ("auto", "xla")
-          and jax.default_backend() == "cpu")
-
-
-def _blockdiag_cached_attention(q_BSHD, k_BTKD, v_BTKD, positions_BS, kv_positions_BT, *,
-                                sliding_window):
-  """Causal attention of a few queries over a [B, T, K, D] cache, without transposing it.
-
-  XLA's CPU dot wants its batch dims leading, so attention written as
-  einsum("bskgd,btkd->...") copies the whole cache layer into [B, K, T, D]
-  for keys and again for values on every decode step. Here all kv heads are
-  contracted at once against a block-diagonal query matrix, so the cache is
-  read in place as [B, T, K*D] by one batched matmul (K times the flops of
-  the per-head form, negligible for S*H <= 64 queries). Same masking and
-  fully-masked-row convention (zeros) as kernels.attention.
-  """
-  b, s, h, d = q_BSHD.shape
-  t, kv_heads = k_BTKD.shape[1], k_BTKD.shape[2]
-  g = h // kv_heads
-  eye_KJ = jnp.eye(kv_heads, dtype=q_BSHD.dtype)
-  q_BCN = jnp.einsum("bskgd,kj->bkdjsg", q_BSHD.reshape(b, s, kv_heads, g, d), eye_KJ)
-  q_BCN = q_BCN.reshape(b, kv_heads * d, kv_heads * s * g)
-  logits_BTN = jnp.einsum("btc,bcn->btn", k_BTKD.reshape(b, t, kv_heads * d), q_BCN,
-                          preferred_element_type=jnp.float32)
-  logits_BTKSG = logits_BTN.reshape(b, t, kv_heads, s, g) * d ** -0.5
-  mask_BST = visibility_mask(positions_BS, kv_positions_BT, None, None, causal=True,
-                             sliding_window=sliding_window)
-  mask_BT1S1 = jnp.transpose(mask_BST, (0, 2, 1))[:, :, None, :, None]
-  logits_BTKSG = jnp.where(mask_BT1S1, logits_BTKSG, jnp.finfo(jnp.float32).min)
-  probs_BTKSG = jnp.where(mask_BT1S1, jax.nn.softmax(logits_BTKSG, axis=1), 0.0)
-  out_BNC = jnp.einsum("btn,btc->bnc",
-                       probs_BTKSG.reshape(b, t, kv_heads * s * g).astype(v_BTKD.dtype),
-                       v_BTKD.reshape(b, t, kv_heads * d), preferred_element_type=jnp.float32)
-  out_BSKGD = jnp.einsum("bksgjd,kj->bskgd", out_BNC.reshape(b, kv_heads, s, g, kv_heads, d),
-                         eye_KJ.astype(jnp.float32))
-  return out_BSKGD.reshape(b, s, h, d).astype(q_BSHD.dtype)
 
 
 class Block(nnx.Module):
