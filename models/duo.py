@@ -118,11 +118,20 @@ class DuoTransformer(transformer.Transformer):
     graphdef, state = nnx.split(module)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
-  def __call__(self, tokens_BS, positions_BS=None, segment_ids_BS=None, *, routing_LBS=None):
+  def __call__(self, tokens_BS, positions_BS=None, segment_ids_BS=None, *, routing_LBS=None,
+               routing_weights_LBSO=None):
     """Forward; `routing_LBS` (int [L, B, S] in {0, 1, 2}) fixes every choice (oracle).
 
-    Returns (logits_BSV float32, aux).
+    `routing_weights_LBSO` (float [L, B, S, 3]) instead sets the option weights
+    w directly (one-hot weights reproduce `routing_LBS`; the oracle search
+    differentiates the loss through them to score every switch at once).
+
+    Returns (logits_BSV float32, aux); aux["routing_LBS"] (int32 [L, B, S]) is
+    the choice each token took at each layer.
     """
+    if routing_LBS is not None and routing_weights_LBSO is not None:
+      raise ValueError("pass routing_LBS or routing_weights_LBSO, not both")
+    fixed = routing_LBS is not None or routing_weights_LBSO is not None
     c = self.config
     tokens_BS = jnp.asarray(tokens_BS)
     b, s = tokens_BS.shape
@@ -132,7 +141,7 @@ class DuoTransformer(transformer.Transformer):
                       else transformer.positions_from_segments(segment_ids_BS))
     costs_O = jnp.asarray(c.option_costs, jnp.float32)
     x_BSD = self.embed_tokens(tokens_BS)
-    counts, expected_cost = [], []
+    counts, expected_cost, choices = [], [], []
     for i in range(c.num_layers):
 
       def layer(model, x_BSD, i=i):
@@ -143,79 +152,228 @@ class DuoTransformer(transformer.Transformer):
         logits_BSO = jnp.einsum("bsd,do->bso", n_BSD.astype(jnp.float32),
                                 model.ffn_router[...][i])
         p_BSO = jax.nn.softmax(logits_BSO, axis=-1)
-        if routing_LBS is None:
-          onehot_BSO = jax.nn.one_hot(jnp.argmax(logits_BSO, -1), 3, dtype=jnp.float32)
-          w_BSO = onehot_BSO + p_BSO - jax.lax.stop_gradient(p_BSO)  # Straight-through.
-        else:
-          onehot_BSO = jax.nn.one_hot(routing_LBS[i], 3, dtype=jnp.float32)
+        if routing_weights_LBSO is not None:
+          w_BSO = routing_weights_LBSO[i].astype(jnp.float32)
+          choice_BS = jnp.argmax(w_BSO, -1).astype(jnp.int32)
+          onehot_BSO = jax.nn.one_hot(choice_BS, 3, dtype=jnp.float32)
+        elif routing_LBS is not None:
+          choice_BS = jnp.asarray(routing_LBS[i], jnp.int32)
+          onehot_BSO = jax.nn.one_hot(choice_BS, 3, dtype=jnp.float32)
           w_BSO = onehot_BSO
+        else:
+          choice_BS = jnp.argmax(logits_BSO, -1).astype(jnp.int32)
+          onehot_BSO = jax.nn.one_hot(choice_BS, 3, dtype=jnp.float32)
+          w_BSO = onehot_BSO + p_BSO - jax.lax.stop_gradient(p_BSO)  # Straight-through.
         ffn_BSD = (w_BSO[..., SMALL:SMALL + 1] * small(n_BSD).astype(jnp.float32)
                    + w_BSO[..., BIG:BIG + 1] * block.mlp(n_BSD).astype(jnp.float32))
         return (h_BSD + ffn_BSD.astype(h_BSD.dtype), jnp.mean(onehot_BSO, axis=(0, 1)),
-                jnp.mean(p_BSO @ costs_O))
+                jnp.mean(p_BSO @ costs_O), choice_BS)
 
-      x_BSD, count_O, cost = _remat_layer(self, layer)(x_BSD)
+      x_BSD, count_O, cost, choice_BS = _remat_layer(self, layer)(x_BSD)
       counts.append(count_O)
       expected_cost.append(cost)
+      choices.append(choice_BS)
     frac_O = jnp.mean(jnp.stack(counts), axis=0)
     metrics = {"duo/frac_skip": frac_O[SKIP], "duo/frac_small": frac_O[SMALL],
                "duo/frac_big": frac_O[BIG], "duo/realised_cost": frac_O @ costs_O,
                "duo/expected_cost": jnp.mean(jnp.stack(expected_cost))}
     losses = {}
-    if c.compute_penalty and routing_LBS is None:
+    if c.compute_penalty and not fixed:
       losses["duo/compute"] = c.compute_penalty * metrics["duo/expected_cost"]
-    return self.logits_from_hidden(x_BSD), {"losses": losses, "metrics": metrics}
+    return self.logits_from_hidden(x_BSD), {"losses": losses, "metrics": metrics,
+                                            "routing_LBS": jnp.stack(choices)}
 
 
 def per_token_loss(model: DuoTransformer, tokens_BS, routing_LBS) -> jax.Array:
-  """Next-token cross-entropy at each position [B, S] (0 at the last position)."""
+  """Next-token cross-entropy at each position [B, S] (0 at the last position), rows unsegmented."""
   logits_BSV, _ = model(tokens_BS, routing_LBS=routing_LBS)
   logp_BSV = jax.nn.log_softmax(logits_BSV[:, :-1], axis=-1)
   nll_BS = -jnp.take_along_axis(logp_BSV, tokens_BS[:, 1:, None], axis=-1)[..., 0]
   return jnp.pad(nll_BS, ((0, 0), (0, 1)))
 
 
-def greedy_oracle_routing(model: DuoTransformer, tokens_BS, budget: float) -> np.ndarray:
-  """Greedy per-layer search of a routing [L, B, S] with mean FFN cost <= budget per layer.
+def next_token_targets(tokens_BS, segment_ids_BS=None):
+  """(targets_BS, loss_mask_BS) for next-token prediction within each row (and segment).
 
-  Start from all BIG. For each layer in order, evaluate (one forward each) the
-  per-token loss with that layer's tokens all SKIP and all SMALL, the other
-  layers at the routing found so far; a token's loss change for an option is
-  read at its own position (interactions through attention are ignored: this
-  is a greedy search, an approximation of the oracle). Each token first takes
-  the cheapest option that does not raise its loss; while the layer's mean
-  cost exceeds `budget`, the downgrade with the smallest loss increase per
-  unit of cost saved is applied. `budget` is relative to all BIG (1.0).
+  The target at s is tokens[s + 1]; the mask is 0 at the last position, and,
+  with segment ids, where the next token belongs to another segment or the
+  token is padding (segment id 0).
+  """
+  tokens_BS = jnp.asarray(tokens_BS)
+  targets_BS = jnp.pad(tokens_BS[:, 1:], ((0, 0), (0, 1)))
+  mask_BS = jnp.pad(jnp.ones_like(tokens_BS[:, 1:], jnp.float32), ((0, 0), (0, 1)))
+  if segment_ids_BS is not None:
+    seg = jnp.asarray(segment_ids_BS)
+    same_BS = jnp.pad(seg[:, 1:] == seg[:, :-1], ((0, 0), (0, 1)))
+    mask_BS = mask_BS * (same_BS & (seg != 0)).astype(jnp.float32)
+  return targets_BS, mask_BS
+
+
+def _loss_sum(model, batch, **routing):
+  """Σ masked next-token CE (nats, float32) of a batch under a routing (the training objective)."""
+  logits_BSV, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], **routing)
+  logp_BSV = jax.nn.log_softmax(logits_BSV.astype(jnp.float32), axis=-1)
+  nll_BS = -jnp.take_along_axis(logp_BSV, batch["targets"][..., None], axis=-1)[..., 0]
+  return jnp.sum(nll_BS * batch["loss_mask"].astype(jnp.float32)), aux
+
+
+_ORACLE_FNS = {}
+
+
+def _oracle_fns(graphdef):
+  """Jitted pieces of the oracle search, cached per model structure (one compile per shape)."""
+  if graphdef not in _ORACLE_FNS:
+    def trained(st, batch):
+      return _loss_sum(nnx.merge(graphdef, st), batch)[1]["routing_LBS"]
+
+    def losses(st, batch, routings_KLBS):  # Loss sum of K routings, one forward each.
+      one = lambda r: _loss_sum(nnx.merge(graphdef, st), batch, routing_LBS=r)[0]  # noqa
+      return jax.lax.map(one, routings_KLBS)
+
+    def scores(st, batch, routing_LBS):  # (loss sum, d loss sum / d option weights [L,B,S,3]).
+      f = lambda w: _loss_sum(nnx.merge(graphdef, st), batch, routing_weights_LBSO=w)[0]  # noqa
+      return jax.value_and_grad(f)(jax.nn.one_hot(routing_LBS, 3, dtype=jnp.float32))
+
+    _ORACLE_FNS[graphdef] = tuple(jax.jit(f) for f in (trained, losses, scores))
+  return _ORACLE_FNS[graphdef]
+
+
+def _downgrade_to(routing, grad, costs, limit):
+  """Cheapen `routing` (in place) until Σ cost <= limit, cheapest first-order loss per cost saved."""
+  flat, g = routing.reshape(-1), grad.reshape(-1, 3)
+  rows = np.arange(flat.size)
+  while costs[flat].sum() > limit:
+    cur_g, cur_c = g[rows, flat], costs[flat]
+    ratio = np.full((flat.size, 2), np.inf)
+    for o in (SKIP, SMALL):
+      saved = cur_c - costs[o]
+      ratio[:, o] = np.where(saved > 0, (g[:, o] - cur_g) / np.maximum(saved, 1e-12), np.inf)
+    option = np.argmin(ratio, -1)
+    best = ratio[rows, option]
+    order = np.argsort(best, kind="stable")
+    order = order[np.isfinite(best[order])]
+    saved = np.cumsum(cur_c[order] - costs[option[order]])
+    n = min(int(np.searchsorted(saved, costs[flat].sum() - limit)) + 1, order.size)
+    flat[order[:n]] = option[order[:n]]
+  return routing
+
+
+def oracle_search(model: DuoTransformer, tokens_BS, budget: float | None = None, *,
+                  targets_BS=None, loss_mask_BS=None, positions_BS=None, segment_ids_BS=None,
+                  init_routing_LBS=None, max_rounds: int = 40, fractions: int = 8) -> dict:
+  """Local search of a routing [L, B, S] that lowers a batch's loss within a compute budget.
+
+  Objective: Σ loss_mask · next-token CE of the batch, computed by the model's
+  own forward with the batch's positions and segment ids (exactly the training
+  objective; `targets_BS`/`loss_mask_BS` default to `next_token_targets`).
+  Cost: the mean over layers and tokens of the option costs (SKIP 0, SMALL
+  small_mlp_dim/mlp_dim, BIG 1), i.e. aux "duo/realised_cost"; `budget`
+  defaults to the starting routing's cost.
+
+  Start: `init_routing_LBS`, default the model's own (trained) routers' choices
+  on this batch. If the start costs more than the budget (e.g. all BIG), it is
+  first cheapened in 4 steps by first-order scores (no loss guarantee then).
+
+  Each round: one backward pass gives the first-order change of the loss for
+  every (layer, token, option) switch (gradient w.r.t. the option weights,
+  through attention and all later layers). The Lagrangian proposal picks per
+  entry argmin_o(score_o + λ·cost_o) with the smallest λ >= 0 that meets the
+  budget; candidates are the proposal restricted to its best 1, 1/2, 1/4, ...
+  of changes (ranked by Lagrangian gain) and to each single layer, each
+  cheapened back under the budget; all are evaluated exactly (one forward
+  each) and the best is accepted only if it lowers the batch loss. The search
+  stops after `max_rounds` or a round without an accepted move. So, from a
+  start within the budget, the result's loss is <= the start's and its cost
+  is <= the budget, by construction (the oracle sees the targets: an upper
+  bound for routers, not a deployable one).
+
+  Returns a dict: "routing_LBS" (np.int32 [L, B, S]), "loss_sum" and
+  "loss_sum_init" (float), "cost", "cost_init", "budget", "rounds", "accepted".
   """
   c = model.config
   graphdef, state = nnx.split(model)
-  loss_fn = jax.jit(lambda st, r: per_token_loss(nnx.merge(graphdef, st), tokens_BS, r))
-  b, s = tokens_BS.shape
-  costs = np.asarray(c.option_costs)
-  routing = np.full((c.num_layers, b, s), BIG, np.int32)
-  for layer in range(c.num_layers):
-    losses = []
-    for option in (SKIP, SMALL, BIG):
-      trial = routing.copy()
-      trial[layer] = option
-      losses.append(np.asarray(loss_fn(state, jnp.asarray(trial))).reshape(-1))
-    loss_TO = np.stack(losses, -1)  # [B·S, 3]
-    # Cheapest option no worse than BIG, per token.
-    choice = np.full(b * s, BIG)
-    for option in (SMALL, SKIP):
-      choice = np.where(loss_TO[:, option] <= loss_TO[:, BIG], option, choice)
-    n = b * s
-    while costs[choice].mean() > budget + 1e-9:
-      best, best_ratio = None, np.inf
-      for option in (SMALL, SKIP):
-        saved = costs[choice] - costs[option]
-        extra = loss_TO[np.arange(n), option] - loss_TO[np.arange(n), choice]
-        ratio = np.where(saved > 0, extra / np.maximum(saved, 1e-12), np.inf)
-        t = int(np.argmin(ratio))
-        if ratio[t] < best_ratio:
-          best, best_ratio = (t, option), ratio[t]
-      if best is None:
-        break
-      choice[best[0]] = best[1]
-    routing[layer] = choice.reshape(b, s)
-  return routing
+  trained_fn, losses_fn, scores_fn = _oracle_fns(graphdef)
+  tokens_BS = jnp.asarray(tokens_BS)
+  if targets_BS is None or loss_mask_BS is None:
+    default_targets, default_mask = next_token_targets(tokens_BS, segment_ids_BS)
+    targets_BS = default_targets if targets_BS is None else targets_BS
+    loss_mask_BS = default_mask if loss_mask_BS is None else loss_mask_BS
+  batch = {"tokens": tokens_BS, "targets": jnp.asarray(targets_BS),
+           "loss_mask": jnp.asarray(loss_mask_BS),
+           "positions": None if positions_BS is None else jnp.asarray(positions_BS),
+           "segment_ids": None if segment_ids_BS is None else jnp.asarray(segment_ids_BS)}
+  costs = np.asarray(c.option_costs, np.float64)
+  if init_routing_LBS is None:
+    routing = np.array(trained_fn(state, batch), np.int32)
+  else:
+    routing = np.array(init_routing_LBS, np.int32)
+  if routing.shape != (c.num_layers,) + tuple(tokens_BS.shape):
+    raise ValueError(f"init_routing_LBS shape {routing.shape} != (L, B, S) = "
+                     f"{(c.num_layers,) + tuple(tokens_BS.shape)}")
+  n = routing.size
+  cost_init = float(costs[routing].mean())
+  budget = cost_init if budget is None else float(budget)
+  limit = budget * n + 1e-6  # Σ cost allowed (the costs are exact small fractions).
+  loss_init = float(losses_fn(state, batch, jnp.asarray(routing)[None])[0])
+
+  for k in range(4):  # Start over the budget: cheapen it in steps, re-scoring between them.
+    excess = costs[routing].sum() - limit
+    if excess <= 0:
+      break
+    _, grad = scores_fn(state, batch, jnp.asarray(routing))
+    _downgrade_to(routing, np.asarray(grad, np.float64), costs,
+                  limit + excess * (3 - k) / (4 - k))
+  loss = float(losses_fn(state, batch, jnp.asarray(routing)[None])[0])
+
+  rounds = accepted = 0
+  for rounds in range(1, max_rounds + 1):
+    _, grad = scores_fn(state, batch, jnp.asarray(routing))
+    g = np.asarray(grad, np.float64)  # [L, B, S, 3]
+    g_cur = np.take_along_axis(g, routing[..., None], -1)[..., 0]
+
+    def propose(lam):
+      return np.argmin(g + lam * costs, -1).astype(np.int32)
+    lo, hi = 0.0, 1.0
+    if costs[propose(0.0)].sum() > limit:
+      while costs[propose(hi)].sum() > limit and hi < 1e12:
+        hi *= 4
+      for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if costs[propose(mid)].sum() <= limit else (mid, hi)
+      lam = hi
+    else:
+      lam = 0.0
+    proposal = propose(lam)
+    gain = (np.take_along_axis(g, proposal[..., None], -1)[..., 0] + lam * costs[proposal]
+            - g_cur - lam * costs[routing])
+    changed = np.flatnonzero((proposal != routing).reshape(-1))
+    if changed.size == 0:
+      break
+    changed = changed[np.argsort(gain.reshape(-1)[changed], kind="stable")]
+    candidates = []
+    for size in sorted({max(1, changed.size >> f) for f in range(fractions)}, reverse=True):
+      cand = routing.copy().reshape(-1)
+      cand[changed[:size]] = proposal.reshape(-1)[changed[:size]]
+      candidates.append(cand.reshape(routing.shape))
+    for layer in range(c.num_layers):
+      cand = routing.copy()
+      cand[layer] = proposal[layer]
+      if (cand != routing).any():
+        candidates.append(cand)
+    candidates = [_downgrade_to(cand, g, costs, limit) for cand in candidates]
+    candidates += [routing] * (fractions + c.num_layers - len(candidates))  # One compile.
+    cand_losses = np.asarray(losses_fn(state, batch, jnp.asarray(np.stack(candidates))))
+    best = int(np.argmin(cand_losses))
+    if not cand_losses[best] < loss:
+      break
+    routing, loss = candidates[best], float(cand_losses[best])
+    accepted += 1
+  return {"routing_LBS": routing, "loss_sum": loss, "loss_sum_init": loss_init,
+          "cost": float(costs[routing].mean()), "cost_init": cost_init, "budget": budget,
+          "rounds": rounds, "accepted": accepted}
+
+
+def greedy_oracle_routing(model: DuoTransformer, tokens_BS, budget: float | None = None,
+                          **kwargs) -> np.ndarray:
+  """`oracle_search(...)["routing_LBS"]`: the searched routing, np.int32 [L, B, S]."""
+  return oracle_search(model, tokens_BS, budget, **kwargs)["routing_LBS"]
