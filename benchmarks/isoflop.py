@@ -169,7 +169,7 @@ def routing_quality(model: mod.MoDTransformer, batches) -> dict:
     return jax.jit(f), st
 
   loss_fns = {name: threshold_eval(m) for name, m in models.items()}
-  gd, st = graphdef, state
+  gd = graphdef
   topk_fn = jax.jit(lambda s, b: _masked_ce(
       nnx.merge(gd, s)(b["tokens"], b["positions"], b["segment_ids"])[0], b))
 

@@ -42,7 +42,7 @@ from flax import nnx
 from adaptive import flops as flops_lib
 from adaptive import routing
 from configs import lm_dense
-from models import mod, registry
+from models import mod
 from train import config_lib, sharding, trainer
 
 TARGET_OVERHEAD = 1.15

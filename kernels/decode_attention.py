@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.block_sizes import BlockSizes, default_block_sizes, fit
+from kernels.block_sizes import default_block_sizes, fit
 from kernels.flash_common import NEG_INF
 
 _TPUParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")

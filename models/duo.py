@@ -87,23 +87,6 @@ class SmallMLP(nnx.Module):
     return self.mlp(x_BSD)
 
 
-def _remat_layer(model, layer_fn):
-  """`x -> layer_fn(model, x)`, under jax.checkpoint with the config's remat policy.
-
-  With remat "none" the call is direct. Otherwise the model's state goes in as
-  an explicit argument (split outside, merged inside the checkpoint), so the
-  backward pass recomputes the layer from its input and the saved residuals
-  the policy (`transformer.REMAT_POLICIES`) allows.
-  """
-  c = model.config
-  if c.remat == "none":
-    return lambda x: layer_fn(model, x)
-  graphdef, state = nnx.split(model)
-  checkpointed = jax.checkpoint(lambda st, x: layer_fn(nnx.merge(graphdef, st), x),
-                                policy=transformer.REMAT_POLICIES[c.remat], prevent_cse=True)
-  return lambda x: checkpointed(state, x)
-
-
 class DuoTransformer(transformer.Transformer):
   """Dense transformer whose FFNs are routed per token to skip / small / big."""
 
@@ -169,7 +152,7 @@ class DuoTransformer(transformer.Transformer):
         return (h_BSD + ffn_BSD.astype(h_BSD.dtype), jnp.mean(onehot_BSO, axis=(0, 1)),
                 jnp.mean(p_BSO @ costs_O), choice_BS)
 
-      x_BSD, count_O, cost, choice_BS = _remat_layer(self, layer)(x_BSD)
+      x_BSD, count_O, cost, choice_BS = transformer.remat_layer(self, layer)(x_BSD)
       counts.append(count_O)
       expected_cost.append(cost)
       choices.append(choice_BS)

@@ -110,23 +110,6 @@ class FiRSTCache:
     return self.k_LBTKD.shape[2]
 
 
-def _remat_layer(model, layer_fn):
-  """`x -> layer_fn(model, x)`, under jax.checkpoint with the config's remat policy.
-
-  With remat "none" the call is direct. Otherwise the model's state goes in as
-  an explicit argument (split outside, merged inside the checkpoint), so the
-  backward pass recomputes the layer from its input and the saved residuals
-  the policy (`transformer.REMAT_POLICIES`) allows.
-  """
-  c = model.config
-  if c.remat == "none":
-    return lambda x: layer_fn(model, x)
-  graphdef, state = nnx.split(model)
-  checkpointed = jax.checkpoint(lambda st, x: layer_fn(nnx.merge(graphdef, st), x),
-                                policy=transformer.REMAT_POLICIES[c.remat], prevent_cse=True)
-  return lambda x: checkpointed(state, x)
-
-
 class FiRSTTransformer(transformer.Transformer):
   """Dense transformer with per-sequence, prompt-decided layer skipping."""
 
@@ -186,7 +169,7 @@ class FiRSTTransformer(transformer.Transformer):
           skipped = 1.0 - jnp.mean(execute_BS.astype(jnp.float32))
         return x_BSD, skipped, jnp.mean(p_BS)
 
-      x_BSD, skipped_i, prob_i = _remat_layer(self, layer)(x_BSD)
+      x_BSD, skipped_i, prob_i = transformer.remat_layer(self, layer)(x_BSD)
       skipped.append(skipped_i)
       probs.append(prob_i)
     executed_prob = jnp.mean(jnp.stack(probs))

@@ -37,16 +37,16 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
+from models.partitioning import partition_spec  # noqa: F401 (re-exported: hf.partition_spec)
 from models.transformer import DTYPES, Config, Transformer
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -62,46 +62,6 @@ _SAFETENSORS_DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
 }
 _NUMPY_TO_SAFETENSORS = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
-
-
-# -- logical axes -> mesh ---------------------------------------------------------------
-
-
-def partition_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                   rules: Iterable[tuple[str, Any]] | None) -> PartitionSpec:
-  """PartitionSpec of an array whose dimensions carry `logical_axes` names.
-
-  `rules` is a sequence of (logical_name, mesh_axis | tuple of mesh axes |
-  None), at most one per name. Per dimension, its rule's mesh axes minus those
-  already used by an earlier dimension and those of size 1 are taken; if the
-  dimension is not divisible by their total size it is replicated instead.
-  Unnamed or unmapped dimensions are replicated. (The same semantics as
-  train/sharding.py, which models may not import.)
-  """
-  table: dict[str, tuple[str, ...]] = {}
-  for i, rule in enumerate(rules or ()):
-    if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
-      raise ValueError(f"rules[{i}]={rule!r}: must be a pair "
-                       "(logical name, mesh axis | tuple of mesh axes | None)")
-    name, target = rule
-    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-    for axis in axes:
-      if axis not in mesh.shape:
-        raise ValueError(f"rules[{i}]=({name!r}, {target!r}): mesh has no axis {axis!r}; "
-                         f"its axes: {list(mesh.shape)}")
-    if name in table:
-      raise ValueError(f"rules[{i}]: logical name {name!r} appears twice")
-    table[name] = axes
-  used: set[str] = set()
-  spec = []
-  for name, size in zip(logical_axes, shape, strict=True):
-    axes = tuple(a for a in table.get(name, ()) if a not in used and mesh.shape[a] > 1)
-    if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
-      used.update(axes)
-      spec.append(axes[0] if len(axes) == 1 else axes)
-    else:
-      spec.append(None)
-  return PartitionSpec(*spec)
 
 
 # -- config ------------------------------------------------------------------------------

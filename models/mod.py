@@ -149,23 +149,6 @@ def _residual_f(block, x_BSD, positions_BS, segment_ids_BS, kv_segment_ids_BS=No
   return a_BSD + block.mlp(block.mlp_norm(x_BSD + a_BSD))
 
 
-def _remat_layer(model, layer_fn):
-  """`x -> layer_fn(model, x)`, under jax.checkpoint with the config's remat policy.
-
-  With remat "none" the call is direct. Otherwise the model's state goes in as
-  an explicit argument (split outside, merged inside the checkpoint), so the
-  backward pass recomputes the layer from its input and the saved residuals
-  the policy (`transformer.REMAT_POLICIES`) allows.
-  """
-  c = model.config
-  if c.remat == "none":
-    return lambda x: layer_fn(model, x)
-  graphdef, state = nnx.split(model)
-  checkpointed = jax.checkpoint(lambda st, x: layer_fn(nnx.merge(graphdef, st), x),
-                                policy=transformer.REMAT_POLICIES[c.remat], prevent_cse=True)
-  return lambda x: checkpointed(state, x)
-
-
 class MoDTransformer(transformer.Transformer):
   """Decoder LM whose routed blocks process only the top-k tokens of each row."""
 
@@ -265,7 +248,7 @@ class MoDTransformer(transformer.Transformer):
                                           segment_ids_BS, local)
         return x_BSD, local
 
-      x_BSD, local = _remat_layer(self, layer)(x_BSD)
+      x_BSD, local = transformer.remat_layer(self, layer)(x_BSD)
       for name, values in local.items():
         stats[name].extend(values)
     mean = lambda v: jnp.mean(jnp.stack(v))  # noqa: E731

@@ -250,6 +250,24 @@ def stacked_blocks(config: Config, num: int, rngs: nnx.Rngs, block_cls=Block) ->
   return blocks
 
 
+def remat_layer(model: nnx.Module, layer_fn):
+  """`x -> layer_fn(model, x)`, under jax.checkpoint with the config's remat policy.
+
+  With remat "none" the call is direct. Otherwise the model's state goes in as
+  an explicit argument (split outside, merged inside the checkpoint), so the
+  backward pass recomputes the layer from its input and the saved residuals
+  the policy (`REMAT_POLICIES`) allows. Used by the adaptive variants, whose
+  layers run as a Python loop.
+  """
+  c = model.config
+  if c.remat == "none":
+    return lambda x: layer_fn(model, x)
+  graphdef, state = nnx.split(model)
+  checkpointed = jax.checkpoint(lambda st, x: layer_fn(nnx.merge(graphdef, st), x),
+                                policy=REMAT_POLICIES[c.remat], prevent_cse=True)
+  return lambda x: checkpointed(state, x)
+
+
 class Transformer(nnx.Module):
   """Decoder-only language model. See the module docstring for the calls."""
 

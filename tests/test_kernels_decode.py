@@ -19,7 +19,7 @@ def decode_case(seed, b, nq, h, k, d, t, dtype=jnp.float32):
 
 
 def reference_decode(q, kc, vc, lengths, q_pos, *, window):
-  b, t = kc.shape[0], kc.shape[1]
+  t = kc.shape[1]
   kv_seg = (jnp.arange(t)[None, :] >= lengths[:, None]).astype(jnp.int32)   # 1 = empty slot
   out, _ = reference_attention(
       q.astype(jnp.float32), kc.astype(jnp.float32), vc.astype(jnp.float32), causal=True,

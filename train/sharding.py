@@ -22,6 +22,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from models import partitioning
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 # Parameters with at least this many elements are "large": replicating one over a
@@ -74,37 +76,13 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = No
 
 def rules_dict(rules: Rules) -> dict[str, tuple[str, ...]]:
   """Logical name -> tuple of mesh axes (empty = replicated); validates the rules."""
-  table = {}
-  for i, rule in enumerate(rules):
-    if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
-      raise ValueError(f"logical_axis_rules[{i}]={rule!r}: must be a pair "
-                       f"(logical name, mesh axis | tuple of mesh axes | None)")
-    name, target = rule
-    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-    for axis in axes:
-      if axis not in MESH_AXES:
-        raise ValueError(f"logical_axis_rules[{i}]=({name!r}, {target!r}): unknown mesh axis "
-                         f"{axis!r}; allowed: {list(MESH_AXES)} or None")
-    if name in table:
-      raise ValueError(f"logical_axis_rules[{i}]: logical name {name!r} appears twice")
-    table[name] = axes
-  return table
+  return partitioning.rules_table(rules, MESH_AXES)
 
 
 def logical_to_spec(logical_axes: Iterable[str | None], shape: Sequence[int], mesh: Mesh,
                     rules: Rules) -> PartitionSpec:
   """PartitionSpec of an array whose dimensions carry `logical_axes` names."""
-  table = rules_dict(rules)
-  used: set[str] = set()
-  spec = []
-  for name, size in zip(logical_axes, shape):
-    axes = tuple(a for a in table.get(name, ()) if a not in used and mesh.shape[a] > 1)
-    if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
-      used.update(axes)
-      spec.append(axes[0] if len(axes) == 1 else axes)
-    else:
-      spec.append(None)
-  return PartitionSpec(*spec)
+  return partitioning.partition_spec(tuple(logical_axes), shape, mesh, rules)
 
 
 def _metadata_axes(variable) -> tuple | None:

@@ -187,7 +187,6 @@ def setup(run, config, mesh: Mesh, *, donate: bool = True) -> Setup:
 
   batch_sharding = sharding.batch_sharding(mesh)
   batch_shardings = {k: batch_sharding for k in BATCH_FIELDS}
-  micro_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
 
   def forward(params, rest, mb):
     model = nnx.merge(graphdef, params, rest) if has_rest else nnx.merge(graphdef, params)
