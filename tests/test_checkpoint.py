@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import tempfile
 
 import jax
 import numpy as np
@@ -11,10 +10,6 @@ import pytest
 from configs import lm_dense
 from train import checkpoint as checkpoint_lib
 from train import config_lib, main, sharding, trainer
-
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(tempfile.gettempdir(), "adaptive-test-jax-cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def tiny_config(total_steps, **mesh):

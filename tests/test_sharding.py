@@ -1,8 +1,6 @@
 """Mesh construction, logical-axis rules and mesh-independence of training (8 fake CPU devices)."""
 
 import logging
-import os
-import tempfile
 
 import jax
 import numpy as np
@@ -11,11 +9,6 @@ from jax.sharding import PartitionSpec as P
 
 from configs import lm_dense
 from train import config_lib, main, sharding, trainer
-
-# Compiled programs are cached across tests and runs (the same tiny programs recur).
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(tempfile.gettempdir(), "adaptive-test-jax-cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 RULES = (("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"), ("q_heads", "tensor"),
          ("kv_heads", "tensor"), ("head_dim", None), ("layers", None))

@@ -2,8 +2,6 @@
 
 import dataclasses
 import math
-import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +12,6 @@ from flax import nnx
 from configs import lm_dense
 from models import registry, transformer
 from train import config_lib, main, sharding, trainer
-
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(tempfile.gettempdir(), "adaptive-test-jax-cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def tiny_config(**changes):
