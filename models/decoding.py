@@ -15,8 +15,10 @@ feeds one token per row per step, each row at its own position, and stops a
 row at any of `eos_ids` (the EOS token is kept) or after `max_new_tokens`; the
 loop ends as soon as every row has stopped.
 
-The cache has capacity S + max_new_tokens - 1, is allocated once per call and
-donated into both jitted functions. Inside the loop its per-layer slices (and
+The cache grows in phases (`phase_capacities`: each about `cache_growth` times
+the last, the last S + max_new_tokens - 1) so that decode steps attend over
+about the filled length, not the whole final buffer; each phase is one jitted
+while loop, and the cache is donated into every jitted function. Inside the loop its per-layer slices (and
 the per-layer weights) are held as separate arrays and re-stacked for each
 `forward_cached` call, which XLA folds away: every layer's cache is written
 in place and nothing cache- or weight-sized is copied per step (checked on
@@ -220,11 +222,26 @@ def _in_layers(path) -> bool:
   return bool(path) and getattr(path[0], "key", None) == "layers"
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode"), donate_argnames=("cache",))
-def _decode(graphdef, state, cache, first_tokens_B, first_logprobs_B, first_done_B, lengths_B,
-            knobs: _Knobs, tokens_BN, *, mode):
-  """The while-loop decode; returns (tokens_BN, logprobs_BN, lengths_B, cache)."""
-  b, n = tokens_BN.shape
+class _Carry(NamedTuple):
+  """What one decode phase hands to the next (everything but the cache)."""
+  step: jax.Array          # int32 []: index of the token the next iteration generates
+  positions_B: jax.Array   # int32 [B]: position of tokens_BN[:, step - 1]
+  done_B: jax.Array        # bool [B]
+  tokens_BN: jax.Array
+  logprobs_BN: jax.Array
+  lengths_B: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "capacity"),
+                   donate_argnames=("cache", "carry"))
+def _decode(graphdef, state, cache, carry: _Carry, knobs: _Knobs, *, mode, capacity):
+  """The while-loop decode over a cache of `capacity` slots.
+
+  Runs until every row is done, N tokens are generated, or a live row's next
+  position reaches `capacity` (the caller then grows the cache and calls
+  again). Returns (carry, cache).
+  """
+  n = carry.tokens_BN.shape[1]
   config = nnx.merge(graphdef, state).config
   num_layers, scan_layers = config.num_layers, getattr(config, "scan_layers", False)
   if scan_layers:  # lax.scan slices the stacked arrays itself: keep them stacked.
@@ -235,11 +252,10 @@ def _decode(graphdef, state, cache, first_tokens_B, first_logprobs_B, first_done
     weights, restack_weights = _Unstacked.split(state, num_layers, _in_layers)
     cache_layers, restack_cache = _Unstacked.split(cache, num_layers)
     unstack_cache = lambda c: _Unstacked(c, num_layers).leaves
-  tokens_BN = tokens_BN.at[:, 0].set(first_tokens_B)
-  logprobs_BN = jnp.zeros((b, n), jnp.float32).at[:, 0].set(first_logprobs_B)
 
   def cond(loop: _LoopState):
-    return (loop.step < n) & ~jnp.all(loop.done_B)
+    fits = jnp.all(loop.done_B | (loop.positions_B < capacity))
+    return (loop.step < n) & ~jnp.all(loop.done_B) & fits
 
   def body(loop: _LoopState):
     model = nnx.merge(graphdef, restack_weights(weights))
@@ -265,13 +281,46 @@ def _decode(graphdef, state, cache, first_tokens_B, first_logprobs_B, first_done
         lengths_B=loop.lengths_B + live_B.astype(jnp.int32),
     )
 
-  loop = _LoopState(step=jnp.int32(1), cache_layers=cache_layers,
-                    positions_B=lengths_B.astype(jnp.int32), done_B=first_done_B,
-                    tokens_BN=tokens_BN, logprobs_BN=logprobs_BN,
-                    lengths_B=jnp.ones((b,), jnp.int32))
+  loop = _LoopState(step=carry.step, cache_layers=cache_layers, positions_B=carry.positions_B,
+                    done_B=carry.done_B, tokens_BN=carry.tokens_BN,
+                    logprobs_BN=carry.logprobs_BN, lengths_B=carry.lengths_B)
   loop = jax.lax.while_loop(cond, body, loop)
+  carry = _Carry(loop.step, loop.positions_B, loop.done_B, loop.tokens_BN, loop.logprobs_BN,
+                 loop.lengths_B)
   # Returning the cache lets XLA alias the donated input buffer to it.
-  return loop.tokens_BN, loop.logprobs_BN, loop.lengths_B, restack_cache(loop.cache_layers)
+  return carry, restack_cache(loop.cache_layers)
+
+
+@functools.partial(jax.jit, donate_argnames=("empty_cache",))
+def _grow_cache(cache, empty_cache):
+  """Copies every leaf of `cache` into the origin of the larger `empty_cache`.
+
+  The larger buffer is donated (the output aliases it); the old cache is freed
+  when the caller drops it.
+  """
+  return jax.tree.map(
+      lambda big, small: jax.lax.dynamic_update_slice(big, small, (0,) * small.ndim),
+      empty_cache, cache)
+
+
+def phase_capacities(prompt_len: int, max_new_tokens: int, growth: float | None,
+                     quantum: int = 64) -> list[int]:
+  """Cache capacities of the successive decode phases.
+
+  A fixed cache makes every decode step attend over all of its slots, the
+  unwritten ones too. Growing it in phases (each `growth` times the last,
+  rounded up to `quantum` slots, the last one exactly S + N - 1) keeps the
+  attention close to the filled length at the price of one compilation and
+  one cache copy per phase. growth=None: one phase at the full capacity.
+  """
+  full = prompt_len + max_new_tokens - 1
+  if growth is None:
+    return [full]
+  capacities = [min(full, -(-(prompt_len + 1) // quantum) * quantum)]
+  while capacities[-1] < full:
+    grown = -(-math.ceil(capacities[-1] * growth) // quantum) * quantum
+    capacities.append(min(full, max(grown, capacities[-1] + quantum)))
+  return capacities
 
 
 # -- the entry point ------------------------------------------------------------------
@@ -291,7 +340,7 @@ def _as_int_array(name: str, value: Any, ndim: int) -> np.ndarray | jax.Array:
 
 def generate(model, prompt_tokens_BS, prompt_lengths_B, *, max_new_tokens: int,
              sampling: Sampling = Sampling(), eos_ids=(), rng: jax.Array | None = None,
-             pad_id: int = 0, cache_dtype=None) -> Generation:
+             pad_id: int = 0, cache_dtype=None, cache_growth: float | None = 1.25) -> Generation:
   """Generates up to `max_new_tokens` tokens for every prompt of a batch.
 
   Args:
@@ -308,6 +357,10 @@ def generate(model, prompt_tokens_BS, prompt_lengths_B, *, max_new_tokens: int,
       sampling is greedy.
     pad_id: written after a row stopped.
     cache_dtype: KV cache dtype; default the model's compute dtype.
+    cache_growth: the cache grows in phases, each this many times the last
+      (see `phase_capacities`), so attention reads about the filled length;
+      None keeps one cache of the full capacity S + N - 1. Results are the
+      same either way.
 
   Returns:
     `Generation(tokens_BN, logprobs_BN, lengths_B)`.
@@ -347,6 +400,9 @@ def generate(model, prompt_tokens_BS, prompt_lengths_B, *, max_new_tokens: int,
   elif not (isinstance(rng, jax.Array) and (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
                                             or (rng.dtype == jnp.uint32 and rng.shape == (2,)))):
     raise ValueError(f"rng={rng!r}: must be a jax.random.key (or a legacy uint32[2] key)")
+  if cache_growth is not None and (isinstance(cache_growth, bool) or not isinstance(
+      cache_growth, (int, float)) or not cache_growth > 1):
+    raise ValueError(f"cache_growth={cache_growth!r}: must be a number > 1, or None")
   capacity = s + max_new_tokens - 1
   max_capacity = getattr(model.config, "max_cache_length", None)
   if max_capacity is not None and capacity > max_capacity:
@@ -361,12 +417,21 @@ def generate(model, prompt_tokens_BS, prompt_lengths_B, *, max_new_tokens: int,
   graphdef, state = nnx.split(model)
   tokens_BS = jnp.asarray(prompt_tokens_BS, jnp.int32)
   lengths_B = jnp.asarray(prompt_lengths_B, jnp.int32)
-  cache = model.init_cache(b, capacity, dtype=cache_dtype)
+  capacities = phase_capacities(s, max_new_tokens, cache_growth)
+  cache = model.init_cache(b, capacities[0], dtype=cache_dtype)
   cache, first_B, first_logprobs_B, done_B = _prefill(
       graphdef, state, tokens_BS, lengths_B, cache, knobs, mode=mode,
       max_new_tokens=max_new_tokens)
-  tokens_BN = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-  tokens_BN, logprobs_BN, out_lengths_B, _ = _decode(
-      graphdef, state, cache, first_B, first_logprobs_B, done_B, lengths_B, knobs, tokens_BN,
-      mode=mode)
-  return Generation(tokens_BN, logprobs_BN, out_lengths_B)
+  carry = _Carry(
+      step=jnp.int32(1), positions_B=lengths_B, done_B=done_B,
+      tokens_BN=jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B),
+      logprobs_BN=jnp.zeros((b, max_new_tokens), jnp.float32).at[:, 0].set(first_logprobs_B),
+      lengths_B=jnp.ones((b,), jnp.int32))
+  for phase, phase_capacity in enumerate(capacities):
+    if phase:
+      cache = _grow_cache(cache, model.init_cache(b, phase_capacity, dtype=cache_dtype))
+    carry, cache = _decode(graphdef, state, cache, carry, knobs, mode=mode,
+                           capacity=phase_capacity)
+    if int(carry.step) >= max_new_tokens or bool(jnp.all(carry.done_B)):
+      break
+  return Generation(carry.tokens_BN, carry.logprobs_BN, carry.lengths_B)

@@ -5,6 +5,8 @@ over prompt + generated tokens: the logits at position len + i - 1 must be the
 logits the decoder saw when it chose token i.
 """
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,10 +101,11 @@ def test_decode_loop_never_copies_the_whole_cache(model):
   cache = model.init_cache(b, capacity)
   knobs = decoding._Knobs(jnp.float32(1), jnp.float32(1), jnp.zeros((0,), jnp.int32),
                           jnp.int32(0), jax.random.key(0))
+  carry = decoding._Carry(jnp.int32(1), jnp.asarray(LENGTHS), jnp.zeros(b, bool),
+                          jnp.zeros((b, N), jnp.int32), jnp.zeros((b, N)), jnp.ones(b, jnp.int32))
   hlo = decoding._decode.lower(
-      graphdef, state, cache, jnp.zeros(b, jnp.int32), jnp.zeros(b), jnp.zeros(b, bool),
-      jnp.asarray(LENGTHS), knobs, jnp.zeros((b, N), jnp.int32),
-      mode=decoding._mode(decoding.Sampling())).compile().as_text()
+      graphdef, state, cache, carry, knobs, mode=decoding._mode(decoding.Sampling()),
+      capacity=capacity).compile().as_text()
   body = [line for line in hlo.splitlines() if "while/body" in line]
   assert body
   c = CONFIG
@@ -244,3 +247,26 @@ def test_bad_arguments_raise_before_compiling(model, prompts, kwargs, message):
 def test_sampling_validates_its_fields(kwargs, field):
   with pytest.raises(ValueError, match=f"Sampling.{field}"):
     decoding.Sampling(**kwargs)
+
+
+def test_phase_capacities_grow_to_exactly_the_full_cache():
+  assert decoding.phase_capacities(128, 256, None) == [383]
+  assert decoding.phase_capacities(128, 256, 1.25) == [192, 256, 320, 383]
+  assert decoding.phase_capacities(5, 3, 1.25) == [7]
+  for s, n in [(1, 1), (3, 200), (64, 64), (100, 1000)]:
+    capacities = decoding.phase_capacities(s, n, 1.5, quantum=8)
+    assert capacities[0] >= min(s + 1, s + n - 1) and capacities[-1] == s + n - 1
+    assert all(a < b for a, b in zip(capacities, capacities[1:]))
+
+
+def test_growing_cache_in_phases_gives_the_same_generation(model, prompts):
+  """Many small phases (each a cache copy into a larger one) change nothing."""
+  sampling = decoding.Sampling(temperature=1.0, top_k=20)
+  kwargs = dict(max_new_tokens=N, sampling=sampling, rng=jax.random.key(3), eos_ids=(5, 9))
+  with mock.patch.object(decoding, "phase_capacities",
+                         lambda s, n, growth: list(range(s + 1, s + n - 1)) + [s + n - 1]):
+    phased = decoding.generate(model, prompts, LENGTHS, cache_growth=1.25, **kwargs)
+  single = decoding.generate(model, prompts, LENGTHS, cache_growth=None, **kwargs)
+  np.testing.assert_array_equal(phased.tokens_BN, single.tokens_BN)
+  np.testing.assert_array_equal(phased.lengths_B, single.lengths_B)
+  np.testing.assert_allclose(phased.logprobs_BN, single.logprobs_BN, atol=1e-6)
