@@ -119,9 +119,7 @@ class DuoTransformer(transformer.Transformer):
     tokens_BS = jnp.asarray(tokens_BS)
     b, s = tokens_BS.shape
     if positions_BS is None:
-      positions_BS = (jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-                      if segment_ids_BS is None
-                      else transformer.positions_from_segments(segment_ids_BS))
+      positions_BS = transformer.default_positions(tokens_BS, segment_ids_BS)
     costs_O = jnp.asarray(c.option_costs, jnp.float32)
     x_BSD = self.embed_tokens(tokens_BS)
     counts, expected_cost, choices = [], [], []

@@ -141,9 +141,7 @@ class FiRSTTransformer(transformer.Transformer):
     tokens_BS = jnp.asarray(tokens_BS)
     b, s = tokens_BS.shape
     if positions_BS is None:
-      positions_BS = (jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-                      if segment_ids_BS is None
-                      else transformer.positions_from_segments(segment_ids_BS))
+      positions_BS = transformer.default_positions(tokens_BS, segment_ids_BS)
     seg_BS = jnp.zeros((b, s), jnp.int32) if segment_ids_BS is None else segment_ids_BS
     is_prompt_BS = (jnp.ones((b, s), bool) if c.prompt_length == 0
                     else positions_BS < c.prompt_length)

@@ -275,11 +275,7 @@ class MoDTransformer(transformer.Transformer):
       raise ValueError(f"routing={routing!r}; allowed: {ROUTING_MODES}")
     tokens_BS = jnp.asarray(tokens_BS)
     if positions_BS is None:
-      if segment_ids_BS is None:
-        b, s = tokens_BS.shape
-        positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-      else:
-        positions_BS = transformer.positions_from_segments(segment_ids_BS)
+      positions_BS = transformer.default_positions(tokens_BS, segment_ids_BS)
     x_BSD, aux = self._run(self.embed_tokens(tokens_BS), positions_BS, segment_ids_BS, routing)
     return self.logits_from_hidden(x_BSD), aux
 

@@ -237,6 +237,14 @@ def positions_from_segments(segment_ids_BS: jax.Array) -> jax.Array:
   return index_BS - start_BS
 
 
+def default_positions(tokens_BS: jax.Array, segment_ids_BS: jax.Array | None) -> jax.Array:
+  """0..S-1 per row, or restarting at every segment when segment ids are given."""
+  if segment_ids_BS is not None:
+    return positions_from_segments(segment_ids_BS)
+  b, s = tokens_BS.shape
+  return jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+
+
 def stacked_blocks(config: Config, num: int, rngs: nnx.Rngs, block_cls=Block) -> nnx.Module:
   """`num` blocks whose parameters are stacked along a leading `layers` axis."""
 
@@ -356,11 +364,7 @@ class Transformer(nnx.Module):
     """
     tokens_BS = jnp.asarray(tokens_BS)
     if positions_BS is None:
-      if segment_ids_BS is None:
-        b, s = tokens_BS.shape
-        positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-      else:
-        positions_BS = positions_from_segments(segment_ids_BS)
+      positions_BS = default_positions(tokens_BS, segment_ids_BS)
     x_BSD, _ = self.run_layers(self.embed_tokens(tokens_BS), positions_BS, segment_ids_BS, None)
     return self.logits_from_hidden(x_BSD), {}
 
