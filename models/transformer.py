@@ -276,6 +276,57 @@ def remat_layer(model: nnx.Module, layer_fn):
   return lambda x: checkpointed(state, x)
 
 
+def run_stacked(config: Config, body, x_BSD, cache: kv_cache_lib.KVCache | None, xs):
+  """Runs `body` once per layer, as a `lax.scan` or an unrolled loop (`config.scan_layers`).
+
+  `body((x_BSD, layer_kv), xs_l) -> ((x_BSD, layer_kv), ys_l)`: `xs_l` is
+  layer l's slice of `xs` (a pytree of arrays with a leading layers axis, e.g.
+  the stacked block state), `layer_kv` the layer's (k_BTKD, v_BTKD) cache or
+  None. The body runs under jax.checkpoint with the config's remat policy.
+  Returns (x_BSD, updated cache or None, ys stacked along a leading layers
+  axis). Shared by the dense model and the adaptive variants, so that all of
+  them scan, remat and update the cache the same way.
+  """
+  c = config
+
+  def indexed_body(carry, layer):
+    x, cache_k, cache_v = carry
+    xs_l, index = layer
+    layer_kv = None if cache_k is None else (cache_k[index], cache_v[index])
+    (x, layer_kv), ys_l = body((x, layer_kv), xs_l)
+    if layer_kv is not None:
+      cache_k = jax.lax.dynamic_update_index_in_dim(cache_k, layer_kv[0], index, 0)
+      cache_v = jax.lax.dynamic_update_index_in_dim(cache_v, layer_kv[1], index, 0)
+    return (x, cache_k, cache_v), ys_l
+
+  if c.remat != "none":
+    indexed_body = jax.checkpoint(indexed_body, policy=REMAT_POLICIES[c.remat],
+                                  prevent_cse=not c.scan_layers)
+  carry = (x_BSD, None, None) if cache is None else (x_BSD, cache.k_LBTKD, cache.v_LBTKD)
+  if c.scan_layers:
+    carry, ys = jax.lax.scan(indexed_body, carry, (xs, jnp.arange(c.num_layers)))
+  else:
+    # Each layer gets its own one-layer slice of the cache, and the updated
+    # slices are concatenated once at the end, instead of updating the whole
+    # stacked cache after every layer. Same values; but a caller that holds
+    # the layers' caches as separate arrays (models.decoding's loop) and
+    # stacks them for this call gets no copy at all: XLA folds slice-of-
+    # concatenate, so each layer reads and writes its own buffer in place.
+    x, new_k, new_v, ys_list = x_BSD, [], [], []
+    for i in range(c.num_layers):
+      one_layer = lambda a, i=i: None if a is None else a[i:i + 1]
+      (x, k, v), ys_l = indexed_body((x, one_layer(carry[1]), one_layer(carry[2])),
+                                     (jax.tree.map(lambda a, i=i: a[i], xs), 0))
+      new_k.append(k)
+      new_v.append(v)
+      ys_list.append(ys_l)
+    ys = jax.tree.map(lambda *a: jnp.stack(a), *ys_list)
+    carry = (x, None, None) if cache is None else (
+        x, jnp.concatenate(new_k), jnp.concatenate(new_v))
+  x_BSD, cache_k, cache_v = carry
+  return x_BSD, (None if cache is None else kv_cache_lib.KVCache(cache_k, cache_v)), ys
+
+
 class Transformer(nnx.Module):
   """Decoder-only language model. See the module docstring for the calls."""
 
@@ -308,43 +359,16 @@ class Transformer(nnx.Module):
 
   def run_layers(self, x_BSD, positions_BS, segment_ids_BS, cache: kv_cache_lib.KVCache | None):
     """Runs every block; returns (x_BSD, updated cache or None)."""
-    c = self.config
     graphdef, state = nnx.split(self.layers)
 
     def body(carry, layer):
-      x, cache_k, cache_v = carry
-      layer_state, index = layer
-      block = nnx.merge(graphdef, layer_state)
-      layer_kv = None if cache_k is None else (cache_k[index], cache_v[index])
-      x, layer_kv = block(x, positions_BS, segment_ids_BS, layer_kv)
-      if layer_kv is not None:
-        cache_k = jax.lax.dynamic_update_index_in_dim(cache_k, layer_kv[0], index, 0)
-        cache_v = jax.lax.dynamic_update_index_in_dim(cache_v, layer_kv[1], index, 0)
-      return (x, cache_k, cache_v), None
+      x, kv = carry
+      block = nnx.merge(graphdef, layer)
+      x, kv = block(x, positions_BS, segment_ids_BS, kv)
+      return (x, kv), None
 
-    if c.remat != "none":
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
-    carry = (x_BSD, None, None) if cache is None else (x_BSD, cache.k_LBTKD, cache.v_LBTKD)
-    if c.scan_layers:
-      carry, _ = jax.lax.scan(body, carry, (state, jnp.arange(c.num_layers)))
-    else:
-      # Each layer gets its own one-layer slice of the cache, and the updated
-      # slices are concatenated once at the end, instead of updating the whole
-      # stacked cache after every layer. Same values; but a caller that holds
-      # the layers' caches as separate arrays (models.decoding's loop) and
-      # stacks them for this call gets no copy at all: XLA folds slice-of-
-      # concatenate, so each layer reads and writes its own buffer in place.
-      x, new_k, new_v = x_BSD, [], []
-      for i in range(c.num_layers):
-        one_layer = lambda a, i=i: None if a is None else a[i:i + 1]
-        (x, k, v), _ = body((x, one_layer(carry[1]), one_layer(carry[2])),
-                            (jax.tree.map(lambda a, i=i: a[i], state), 0))
-        new_k.append(k)
-        new_v.append(v)
-      carry = (x, None, None) if cache is None else (
-          x, jnp.concatenate(new_k), jnp.concatenate(new_v))
-    x_BSD, cache_k, cache_v = carry
-    return x_BSD, (None if cache is None else kv_cache_lib.KVCache(cache_k, cache_v))
+    x_BSD, cache, _ = run_stacked(self.config, body, x_BSD, cache, state)
+    return x_BSD, cache
 
   # -- entry points --
 
