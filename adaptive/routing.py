@@ -12,8 +12,13 @@ router's own logit (route iff σ(r) > 0.5, trained with `router_bce_loss` agains
 top-k membership) or a small MLP predictor on stop_gradient(x) trained with the
 same target (`predictor_logits`, `predictor_init`).
 
-Shapes: B batch, S sequence, K selected tokens per row (static), D width,
-H predictor hidden size. Plain JAX; nothing here imports `models`.
+Token-choice routing with a capacity (`first_come_slots`, `dispatch_combine`)
+sends each token to the option it chose, into a static buffer of C slots per
+row filled in position order; tokens past the capacity are dropped. It is
+causal, and an option's compute is that of C tokens per row.
+
+Shapes: B batch, S sequence, K selected tokens per row (static), C slots per
+row (static), D width, H predictor hidden size. Plain JAX; nothing here imports `models`.
 """
 
 from __future__ import annotations
@@ -87,6 +92,58 @@ def expert_choice(scores_BS: jax.Array, k: int, positions_BS: jax.Array,
       positions_BK=gather_tokens(positions_BS, indices_BK),
       segment_ids_BK=None if segment_ids_BS is None else gather_tokens(segment_ids_BS,
                                                                       indices_BK))
+
+
+class Slots(NamedTuple):
+  """Token-choice dispatch of one option into a static buffer of C slots per row.
+
+  Attributes:
+    indices_BC: int32 row index of the token in each slot (ascending; 0 in
+      unused slots, which `valid_BC` marks).
+    valid_BC: bool, True at slots that hold a token.
+    kept_BS: bool, True at tokens that asked for the option and got a slot.
+  """
+
+  indices_BC: jax.Array
+  valid_BC: jax.Array
+  kept_BS: jax.Array
+
+
+def first_come_slots(wants_BS: jax.Array, slots: int) -> Slots:
+  """Gives the first `slots` tokens of each row that want an option a slot, in order.
+
+  First come, first served by position (the Switch/GShard capacity rule): token
+  s keeps its slot iff fewer than `slots` earlier tokens of its row want the
+  option, so the decision is causal (it never depends on later tokens), unlike
+  expert-choice top-k. Tokens past the capacity are dropped (`kept_BS` False).
+  """
+  b, s = wants_BS.shape
+  rank_BS = jnp.cumsum(wants_BS.astype(jnp.int32), axis=1) - 1
+  kept_BS = wants_BS & (rank_BS < slots)
+  slot_BS = jnp.where(kept_BS, rank_BS, slots)  # Out of range: dropped by the scatter.
+  rows_BS = jnp.broadcast_to(jnp.arange(b)[:, None], (b, s))
+  positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  indices_BC = jnp.zeros((b, slots), jnp.int32).at[rows_BS, slot_BS].set(positions_BS,
+                                                                           mode="drop")
+  valid_BC = jnp.arange(slots)[None, :] < jnp.sum(kept_BS, axis=1, keepdims=True)
+  return Slots(indices_BC, valid_BC, kept_BS)
+
+
+def dispatch_combine(fn, x_BSD: jax.Array, slots_: Slots, weights_BS: jax.Array) -> jax.Array:
+  """Σ over slotted tokens of weight · fn(x) written back at their rows; 0 elsewhere.
+
+  `fn` maps [B, C, D] -> [B, C, D'] and runs on the C slotted tokens per row
+  only (so its cost is C/S of running it on every token). Returns [B, S, D']
+  in fn's dtype; unused slots contribute nothing (weight 0, scatter dropped).
+  """
+  b, s = x_BSD.shape[:2]
+  y_BCD = fn(gather_tokens(x_BSD, slots_.indices_BC))
+  w_BC = jnp.where(slots_.valid_BC, gather_tokens(weights_BS, slots_.indices_BC), 0)
+  rows_BC = jnp.broadcast_to(jnp.arange(b)[:, None], slots_.indices_BC.shape)
+  target_BC = jnp.where(slots_.valid_BC, slots_.indices_BC, s)  # Unused slots: dropped.
+  update_BCD = (w_BC[..., None] * y_BCD.astype(jnp.float32)).astype(y_BCD.dtype)
+  return jnp.zeros((b, s) + y_BCD.shape[2:], y_BCD.dtype).at[rows_BC, target_BC].add(
+      update_BCD, mode="drop")
 
 
 def threshold_route(logits_BS: jax.Array) -> jax.Array:

@@ -51,6 +51,39 @@ def test_gather_scatter_roundtrip_and_gradient():
   np.testing.assert_allclose(grad, np.broadcast_to(np.where(mask[..., None], 3.0, 1.0), x.shape))
 
 
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 12), st.data())
+def test_first_come_slots_and_dispatch_match_numpy(b, s, data):
+  slots = data.draw(st.integers(1, s))
+  rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+  wants = rng.random((b, s)) < data.draw(st.sampled_from([0.0, 0.3, 0.7, 1.0]))
+  x = rng.normal(size=(b, s, 3)).astype(np.float32)
+  w = rng.normal(size=(b, s)).astype(np.float32)
+  got = routing.first_come_slots(jnp.asarray(wants), slots)
+  fn = lambda x_BCD: jnp.tanh(x_BCD) * 2.0  # noqa: a per-token function
+  out = np.asarray(routing.dispatch_combine(fn, jnp.asarray(x), got, jnp.asarray(w)))
+  for row in range(b):
+    first = np.flatnonzero(wants[row])[:slots]
+    kept = np.zeros(s, bool)
+    kept[first] = True
+    np.testing.assert_array_equal(got.kept_BS[row], kept)
+    np.testing.assert_array_equal(got.valid_BC[row], np.arange(slots) < first.size)
+    np.testing.assert_array_equal(got.indices_BC[row][:first.size], first)
+    want = np.where(kept[:, None], w[row, :, None] * np.tanh(x[row]) * 2.0, 0.0)
+    np.testing.assert_allclose(out[row], want, atol=1e-6)
+
+
+def test_dispatch_gradient_reaches_only_slotted_tokens():
+  x = jax.random.normal(jax.random.key(0), (1, 5, 2))
+  w = jnp.asarray([[1.0, 2.0, 3.0, 4.0, 5.0]])
+  slots = routing.first_come_slots(jnp.asarray([[True, False, True, True, True]]), 2)
+  gx, gw = jax.grad(lambda x, w: jnp.sum(routing.dispatch_combine(lambda y: 3 * y, x, slots, w)),
+                    argnums=(0, 1))(x, w)
+  kept = np.array([1.0, 0, 1, 0, 0])  # The first two that want it: tokens 0 and 2.
+  np.testing.assert_allclose(gx[0], np.broadcast_to((3 * kept * w[0])[:, None], (5, 2)))
+  np.testing.assert_allclose(gw[0], kept * 3 * np.asarray(jnp.sum(x[0], -1)), rtol=1e-6)
+
+
 def test_threshold_and_bce_losses():
   logits = jnp.asarray([[-2.0, 0.0, 0.5, 3.0]])
   np.testing.assert_array_equal(routing.threshold_route(logits), [[False, False, True, True]])
