@@ -20,9 +20,10 @@ Adaptive variants (`executed_train_flops` dispatches on the config's fields):
     tokens (× (k/S)²), plus the router (D per token) and the predictor MLP
     (D·H + H per token) on all S tokens.
   Duo (`small_mlp_dim`): attention in every layer; the FFN costs the big MLP on
-    the realised big fraction, the small MLP on the small fraction, nothing on
-    skipped tokens, plus a D×3 router per token ("duo/frac_small",
-    "duo/frac_big" from aux metrics).
+    round(big_capacity·S) slots per row and the small MLP on
+    round(small_capacity·S) (the static dispatch buffers, whatever the routing),
+    plus a D×3 router per token. `duo_routed_forward_flops` counts instead the
+    options the tokens took ("duo/frac_small", "duo/frac_big" from aux).
   FiRST (`skip_penalty`): a skipped (sequence, layer) executes nothing; the
     realised skip fraction is "first/skip_fraction" (0 while training with
     relaxed gates, which execute every layer). Routers: pooling + D per layer
@@ -36,6 +37,8 @@ L×L score matrix (masked entries included), i.e. twice the causal term here.
 from __future__ import annotations
 
 from typing import Any
+
+from adaptive import routing
 
 TRAIN_MULTIPLIER = 3.0
 
@@ -99,7 +102,7 @@ def _num_routed_layers(config: Any) -> int:
 
 def mod_routed_tokens(config: Any, seq_len: int) -> int:
   """k: tokens per row a MoD routed block processes (round(capacity·S), in [1, S])."""
-  return int(min(seq_len, max(1, (config.capacity * seq_len + 0.5) // 1)))
+  return routing.capacity_k(config.capacity, seq_len)
 
 
 def mod_forward_flops(config: Any, batch: int, seq_len: int,
@@ -119,7 +122,26 @@ def mod_forward_flops(config: Any, batch: int, seq_len: int,
 
 def duo_forward_flops(config: Any, batch: int, seq_len: int,
                       metrics: dict[str, float] | None = None) -> float:
-  """Forward FLOPs of a Duo model with realised small/big fractions (default: all big)."""
+  """Forward FLOPs a Duo model executes: each MLP on its capacity's slots (metrics unused).
+
+  The small and big MLPs run on round(capacity·S) slots per row whatever the
+  routing is (static shapes; `models.duo` dispatch), so this depends on the
+  config alone. `duo_routed_forward_flops` counts the options the tokens took.
+  """
+  del metrics
+  small = routing.capacity_k(config.small_capacity, seq_len) / seq_len
+  big = routing.capacity_k(config.big_capacity, seq_len) / seq_len
+  return duo_routed_forward_flops(config, batch, seq_len,
+                                  {"duo/frac_small": small, "duo/frac_big": big})
+
+
+def duo_routed_forward_flops(config: Any, batch: int, seq_len: int,
+                             metrics: dict[str, float] | None = None) -> float:
+  """Forward FLOPs of the options the tokens took ("duo/frac_small", "duo/frac_big").
+
+  What a dispatcher with exactly the needed slots would spend; the routing
+  quality measure of the Duo study (default: all big, the dense FFN).
+  """
   tokens = batch * seq_len
   frac_small = _metric(metrics, "duo/frac_small", 0.0)
   frac_big = _metric(metrics, "duo/frac_big", 1.0)

@@ -4,8 +4,11 @@ CPU (a few minutes on 2 cores):
 
   python -m train.main --config=configs/duo_lm.py --workdir=/tmp/duo_lm
 
-aux/duo/frac_{skip,small,big} are the realised routing fractions (the executed-FLOP MFU
-uses them); aux_loss/duo/compute is the expected-cost penalty.
+Each layer's small and big MLPs have slots for half of a row's tokens
+(`small_capacity`, `big_capacity`): the FFN executes 0.5·(small + big) per
+token, about 0.62 of the dense FFN here; tokens past a full option are skipped.
+aux/duo/frac_{skip,small,big,dropped} are the realised routing fractions;
+aux_loss/duo/compute is the expected-cost penalty.
 """
 
 import ml_collections
@@ -19,4 +22,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.kind = "duo"
     c.model.small_mlp_dim = 96
     c.model.compute_penalty = 0.01
+    c.model.small_capacity = 0.5
+    c.model.big_capacity = 0.5
   return c

@@ -19,14 +19,22 @@ the LM loss reaches the router through p. A compute penalty
 `compute_penalty · mean_tokens,layers Σ_o p_o · cost_o` (cost SKIP 0, SMALL
 small_mlp_dim/mlp_dim, BIG 1) pushes towards cheap options.
 
-Static shapes: both MLPs are evaluated for every token and masked (this file is
-the modelling/oracle study; the executed compute a token dispatcher would spend
-is accounted by `adaptive.flops.duo_forward_flops` from the realised fractions
-in aux["metrics"]: "duo/frac_skip", "duo/frac_small", "duo/frac_big").
+Dispatch (static shapes): each option has a buffer of round(capacity·S) slots
+per row (`small_capacity`, `big_capacity`). The tokens that chose it fill the
+slots in position order (`adaptive.routing.first_come_slots`, causal); only
+the slotted tokens are gathered through its MLP and scattered back, so the
+executed FFN compute is capacity_small·small + capacity_big·big per token
+(`adaptive.flops.duo_forward_flops`). A token past an option's capacity is
+dropped to SKIP ("duo/frac_dropped"). With capacity 1 nothing is dropped (and
+the MLP runs on every token's slot). A decode step (S = 1) always has a slot.
+
+Decoding: `forward_cached` (and so `models.decoding.generate`) routes every
+new token with the routers' own argmax, the same rule as training.
 
 Oracle mode: `routing_LBS` (int [L, B, S], values 0/1/2) replaces the routers'
-choices; `greedy_oracle_routing` searches such a routing for a batch under a
-compute budget, the upper bound trained routers are compared against.
+choices (the capacities still apply); `greedy_oracle_routing` searches such a
+routing for a batch under a compute budget, the upper bound trained routers are
+compared against.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from adaptive import routing
 from models import transformer
 from models.layers import MLP, param
 
@@ -51,10 +60,15 @@ class Config(transformer.Config):
   Attributes:
     small_mlp_dim: hidden width of the small MLP (< mlp_dim).
     compute_penalty: weight of the expected FFN cost loss ("duo/compute").
+    small_capacity: slots of the small MLP per row, as a fraction of the row's
+      tokens (round(capacity·S), at least 1); in (0, 1].
+    big_capacity: the same for the big MLP.
   """
 
   small_mlp_dim: int = 192
   compute_penalty: float = 0.0
+  small_capacity: float = 1.0
+  big_capacity: float = 1.0
 
   def validate(self) -> None:
     super().validate()
@@ -62,12 +76,14 @@ class Config(transformer.Config):
         or not 1 <= self.small_mlp_dim < self.mlp_dim):
       raise ValueError(f"model.small_mlp_dim={self.small_mlp_dim!r}: must be an integer in "
                        f"[1, model.mlp_dim={self.mlp_dim})")
-    if self.scan_layers:
-      raise ValueError("model.scan_layers=True is not supported by the 'duo' model yet; "
-                       "allowed: False")
     if (isinstance(self.compute_penalty, bool)
         or not isinstance(self.compute_penalty, (int, float)) or self.compute_penalty < 0):
       raise ValueError(f"model.compute_penalty={self.compute_penalty!r}: must be a number >= 0")
+    for name in ("small_capacity", "big_capacity"):
+      value = getattr(self, name)
+      if (isinstance(value, bool) or not isinstance(value, (int, float))
+          or not 0 < value <= 1):
+        raise ValueError(f"model.{name}={value!r}: must be a number in (0, 1]")
 
   @property
   def option_costs(self) -> tuple[float, float, float]:
@@ -97,72 +113,98 @@ class DuoTransformer(transformer.Transformer):
     self.ffn_router = param(rngs, nnx.initializers.normal(c.dim ** -0.5),
                             (c.num_layers, c.dim, 3), jnp.float32, ("layers", "embed", None))
 
-  def _layer(self, module, i):
-    graphdef, state = nnx.split(module)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+  def _route_layers(self, x_BSD, positions_BS, segment_ids_BS, cache, routing_LBS=None,
+                    routing_weights_LBSO=None):
+    """Every layer with its FFN routed; returns (x_BSD, cache or None, per-layer stats).
+
+    Stats (leading layers axis L): "counts_LO" fraction of tokens that ran each
+    option, "expected_cost_L", "routing_LBS" (executed choice, int32),
+    "dropped_L" fraction of tokens dropped by the capacity.
+    """
+    c = self.config
+    b, s = x_BSD.shape[:2]
+    costs_O = jnp.asarray(c.option_costs, jnp.float32)
+    dense_eval = routing_weights_LBSO is not None  # Every option on every token (oracle scores).
+    slots_O = {SMALL: routing.capacity_k(c.small_capacity, s),
+               BIG: routing.capacity_k(c.big_capacity, s)}
+    block_def, block_state = nnx.split(self.layers)
+    small_def, small_state = nnx.split(self.small_mlps)
+    if routing_LBS is not None:
+      routing_LBS = jnp.asarray(routing_LBS, jnp.int32)
+
+    def body(carry, xs_l):
+      x_BSD, layer_kv = carry
+      block_st, small_st, router_DO, choice_BS, w_BSO = xs_l
+      block, small = nnx.merge(block_def, block_st), nnx.merge(small_def, small_st)
+      a_BSD, layer_kv = block.attn(block.attn_norm(x_BSD), positions_BS, segment_ids_BS,
+                                   layer_kv)
+      h_BSD = x_BSD + a_BSD
+      n_BSD = block.mlp_norm(h_BSD)
+      p_BSO = jax.nn.softmax(jnp.einsum("bsd,do->bso", n_BSD.astype(jnp.float32), router_DO),
+                             axis=-1)
+      if w_BSO is not None:
+        w_BSO = w_BSO.astype(jnp.float32)
+        choice_BS = jnp.argmax(w_BSO, -1).astype(jnp.int32)
+      elif choice_BS is not None:
+        w_BSO = jax.nn.one_hot(choice_BS, 3, dtype=jnp.float32)
+      else:
+        choice_BS = jnp.argmax(p_BSO, -1).astype(jnp.int32)
+        onehot_BSO = jax.nn.one_hot(choice_BS, 3, dtype=jnp.float32)
+        w_BSO = onehot_BSO + p_BSO - jax.lax.stop_gradient(p_BSO)  # Straight-through.
+      ffn_BSD = jnp.zeros(h_BSD.shape, jnp.float32)
+      executed_BS = choice_BS
+      for option, mlp in ((SMALL, small), (BIG, block.mlp)):
+        wants_BS = choice_BS == option
+        slots = routing.first_come_slots(jnp.ones_like(wants_BS) if dense_eval else wants_BS,
+                                         s if dense_eval else slots_O[option])
+        ffn_BSD += routing.dispatch_combine(mlp, n_BSD, slots, w_BSO[..., option])
+        executed_BS = jnp.where(wants_BS & ~slots.kept_BS, SKIP, executed_BS)
+      stats = {"counts_LO": jnp.mean(jax.nn.one_hot(executed_BS, 3), axis=(0, 1)),
+               "expected_cost_L": jnp.mean(p_BSO @ costs_O),
+               "routing_LBS": executed_BS,
+               "dropped_L": jnp.mean((executed_BS != choice_BS).astype(jnp.float32))}
+      return (h_BSD + ffn_BSD.astype(h_BSD.dtype), layer_kv), stats
+
+    xs = (block_state, small_state, self.ffn_router[...], routing_LBS, routing_weights_LBSO)
+    return transformer.run_stacked(c, body, x_BSD, cache, xs)
 
   def __call__(self, tokens_BS, positions_BS=None, segment_ids_BS=None, *, routing_LBS=None,
                routing_weights_LBSO=None):
     """Forward; `routing_LBS` (int [L, B, S] in {0, 1, 2}) fixes every choice (oracle).
 
     `routing_weights_LBSO` (float [L, B, S, 3]) instead sets the option weights
-    w directly (one-hot weights reproduce `routing_LBS`; the oracle search
+    w directly and runs every option on every token, ignoring the capacities
+    (one-hot weights reproduce `routing_LBS` at capacity 1; the oracle search
     differentiates the loss through them to score every switch at once).
 
     Returns (logits_BSV float32, aux); aux["routing_LBS"] (int32 [L, B, S]) is
-    the choice each token took at each layer.
+    the option each token ran at each layer (SKIP where the capacity dropped it).
     """
     if routing_LBS is not None and routing_weights_LBSO is not None:
       raise ValueError("pass routing_LBS or routing_weights_LBSO, not both")
     fixed = routing_LBS is not None or routing_weights_LBSO is not None
     c = self.config
     tokens_BS = jnp.asarray(tokens_BS)
-    b, s = tokens_BS.shape
     if positions_BS is None:
       positions_BS = transformer.default_positions(tokens_BS, segment_ids_BS)
-    costs_O = jnp.asarray(c.option_costs, jnp.float32)
-    x_BSD = self.embed_tokens(tokens_BS)
-    counts, expected_cost, choices = [], [], []
-    for i in range(c.num_layers):
-
-      def layer(model, x_BSD, i=i):
-        block, small = model._layer(model.layers, i), model._layer(model.small_mlps, i)
-        a_BSD, _ = block.attn(block.attn_norm(x_BSD), positions_BS, segment_ids_BS)
-        h_BSD = x_BSD + a_BSD
-        n_BSD = block.mlp_norm(h_BSD)
-        logits_BSO = jnp.einsum("bsd,do->bso", n_BSD.astype(jnp.float32),
-                                model.ffn_router[...][i])
-        p_BSO = jax.nn.softmax(logits_BSO, axis=-1)
-        if routing_weights_LBSO is not None:
-          w_BSO = routing_weights_LBSO[i].astype(jnp.float32)
-          choice_BS = jnp.argmax(w_BSO, -1).astype(jnp.int32)
-          onehot_BSO = jax.nn.one_hot(choice_BS, 3, dtype=jnp.float32)
-        elif routing_LBS is not None:
-          choice_BS = jnp.asarray(routing_LBS[i], jnp.int32)
-          onehot_BSO = jax.nn.one_hot(choice_BS, 3, dtype=jnp.float32)
-          w_BSO = onehot_BSO
-        else:
-          choice_BS = jnp.argmax(logits_BSO, -1).astype(jnp.int32)
-          onehot_BSO = jax.nn.one_hot(choice_BS, 3, dtype=jnp.float32)
-          w_BSO = onehot_BSO + p_BSO - jax.lax.stop_gradient(p_BSO)  # Straight-through.
-        ffn_BSD = (w_BSO[..., SMALL:SMALL + 1] * small(n_BSD).astype(jnp.float32)
-                   + w_BSO[..., BIG:BIG + 1] * block.mlp(n_BSD).astype(jnp.float32))
-        return (h_BSD + ffn_BSD.astype(h_BSD.dtype), jnp.mean(onehot_BSO, axis=(0, 1)),
-                jnp.mean(p_BSO @ costs_O), choice_BS)
-
-      x_BSD, count_O, cost, choice_BS = transformer.remat_layer(self, layer)(x_BSD)
-      counts.append(count_O)
-      expected_cost.append(cost)
-      choices.append(choice_BS)
-    frac_O = jnp.mean(jnp.stack(counts), axis=0)
+    x_BSD, _, stats = self._route_layers(self.embed_tokens(tokens_BS), positions_BS,
+                                         segment_ids_BS, None, routing_LBS, routing_weights_LBSO)
+    frac_O = jnp.mean(stats["counts_LO"], axis=0)
     metrics = {"duo/frac_skip": frac_O[SKIP], "duo/frac_small": frac_O[SMALL],
-               "duo/frac_big": frac_O[BIG], "duo/realised_cost": frac_O @ costs_O,
-               "duo/expected_cost": jnp.mean(jnp.stack(expected_cost))}
+               "duo/frac_big": frac_O[BIG],
+               "duo/realised_cost": frac_O @ jnp.asarray(c.option_costs, jnp.float32),
+               "duo/expected_cost": jnp.mean(stats["expected_cost_L"]),
+               "duo/frac_dropped": jnp.mean(stats["dropped_L"])}
     losses = {}
     if c.compute_penalty and not fixed:
       losses["duo/compute"] = c.compute_penalty * metrics["duo/expected_cost"]
     return self.logits_from_hidden(x_BSD), {"losses": losses, "metrics": metrics,
-                                            "routing_LBS": jnp.stack(choices)}
+                                            "routing_LBS": stats["routing_LBS"]}
+
+  def run_layers(self, x_BSD, positions_BS, segment_ids_BS, cache):
+    """Every layer with the routers' own choices over a KV cache; (x_BSD, cache)."""
+    x_BSD, cache, _ = self._route_layers(x_BSD, positions_BS, segment_ids_BS, cache)
+    return x_BSD, cache
 
 
 def per_token_loss(model: DuoTransformer, tokens_BS, routing_LBS) -> jax.Array:

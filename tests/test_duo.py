@@ -1,4 +1,4 @@
-"""Duo-LLM FFN routing: oracle "all big" is the dense model; oracle search; router training path."""
+"""Duo-LLM FFN routing: oracle "all big" is the dense model; capacity dispatch; decoding; oracle search."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import duo, registry, transformer
+from models import decoding, duo, registry, transformer
 from remat_check import assert_remat_honoured
 
 TINY = dict(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -62,22 +62,100 @@ def test_learned_router_straight_through_and_compute_penalty():
   assert "duo/compute" in aux["losses"]
   # The LM loss reaches the router through the straight-through softmax weights.
   assert np.abs(np.asarray(grads["ffn_router"][...])).max() > 0
-  # The forward is exactly the chosen option: same logits as the oracle with the same choices.
+  # The forward is exactly the chosen option, replayed independently layer by layer.
   m = nnx.merge(graphdef, state)
-  # Recover the routers' choices layer by layer with an independent replay.
+  expected, _ = _replay(m, tokens)
+  learned = _jit(model, lambda mm: mm(tokens)[0])
+  np.testing.assert_allclose(learned, expected, atol=1e-5, rtol=1e-5)
+
+
+def _replay(m, tokens, slots=None):
+  """Reference Duo forward: routers' argmax, every MLP on every token, masked by the choice.
+
+  With `slots` = (small, big) per row, a token is dropped to SKIP when it is
+  past the first `slots` tokens of its row that chose the option (numpy).
+  Returns (logits, executed choices [L, B, S]).
+  """
+  b, s = tokens.shape
   x = m.embed_tokens(tokens)
   pos = jnp.broadcast_to(jnp.arange(s), (b, s))
   lg, sm = nnx.split(m.layers), nnx.split(m.small_mlps)
-  for i in range(TINY["num_layers"]):
+  executed = []
+  for i in range(m.config.num_layers):
     blk = nnx.merge(lg[0], jax.tree.map(lambda a, i=i: a[i], lg[1]))
     small = nnx.merge(sm[0], jax.tree.map(lambda a, i=i: a[i], sm[1]))
     h = x + blk.attn(blk.attn_norm(x), pos, None)[0]
     n = blk.mlp_norm(h)
-    choice = jnp.argmax(n @ m.ffn_router[...][i], -1)
+    choice = np.array(jnp.argmax(n @ m.ffn_router[...][i], -1))
+    if slots is not None:
+      for option, cap in ((duo.SMALL, slots[0]), (duo.BIG, slots[1])):
+        wants = choice == option
+        choice[wants & (np.cumsum(wants, axis=1) > cap)] = duo.SKIP
+    executed.append(choice)
     x = h + jnp.where((choice == 2)[..., None], blk.mlp(n), 0) + jnp.where(
         (choice == 1)[..., None], small(n), 0)
-  learned = _jit(model, lambda mm: mm(tokens)[0])
-  np.testing.assert_allclose(learned, m.logits_from_hidden(x), atol=1e-5, rtol=1e-5)
+  return m.logits_from_hidden(x), np.stack(executed)
+
+
+def test_capacity_dispatch_runs_first_come_tokens_and_drops_the_rest():
+  b, s = 2, 16
+  model = _model(3, small_capacity=0.25, big_capacity=0.25)  # 4 slots per row and option.
+  tokens = jax.random.randint(jax.random.key(3), (b, s), 0, 64)
+  logits, aux = _jit(model, lambda m: m(tokens))
+  expected, executed = _replay(model, tokens, slots=(4, 4))
+  np.testing.assert_array_equal(aux["routing_LBS"], executed)
+  np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
+  _, unconstrained = _replay(model, tokens)
+  dropped = float(np.mean(executed != unconstrained))
+  assert dropped > 0  # The capacity binds in this example, so the drop path is exercised.
+  assert float(aux["metrics"]["duo/frac_dropped"]) == pytest.approx(dropped)
+  for option in (duo.SMALL, duo.BIG):
+    assert (np.sum(executed == option, axis=2) <= 4).all()
+
+
+def test_capacity_dispatch_gradients_equal_the_masked_dense_model():
+  """A fixed routing over capacity: gather/scatter grads = every MLP on every token, masked."""
+  b, s = 2, 12
+  tokens = jax.random.randint(jax.random.key(4), (b, s), 0, 64)
+  segs = jnp.asarray([[1] * 5 + [2] * 7, [1] * 10 + [0] * 2])
+  routing = jax.random.randint(jax.random.key(5), (TINY["num_layers"], b, s), 0, 3)
+  narrow = _model(4, small_capacity=0.25, big_capacity=0.5)  # 3 and 6 slots per row.
+  wants = lambda o: np.asarray(routing) == o  # noqa
+  executed = np.where((wants(duo.SMALL) & (np.cumsum(wants(duo.SMALL), -1) > 3))
+                      | (wants(duo.BIG) & (np.cumsum(wants(duo.BIG), -1) > 6)),
+                      duo.SKIP, np.asarray(routing))
+  # Every MLP on every token (one-hot weights, no capacity), the executed routing.
+  one_hot = jax.nn.one_hot(executed, 3)
+  results = []
+  for kw in (dict(routing_LBS=routing), dict(routing_weights_LBSO=one_hot)):
+    graphdef, state = nnx.split(narrow)
+
+    def loss(st, kw=kw):
+      logits, aux = nnx.merge(graphdef, st)(tokens, segment_ids_BS=segs, **kw)
+      return jnp.mean(jax.nn.logsumexp(logits, -1) * jnp.arange(s)), aux["routing_LBS"]
+    results.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(state))
+  (got, got_routing), got_grads = results[0]
+  (want, _), want_grads = results[1]
+  np.testing.assert_array_equal(got_routing, executed)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5)
+
+
+def test_decoding_routes_each_token_like_the_teacher_forced_forward():
+  lengths = np.array([5, 3], np.int32)
+  model = _model(5)
+  prompts = np.asarray(jax.random.randint(jax.random.key(6), (2, 5), 1, 64), np.int32)
+  out = decoding.generate(model, prompts, lengths, max_new_tokens=6)
+  _, aux = model(prompts[:1])
+  assert 0 < float(aux["metrics"]["duo/frac_big"]) < 1  # The routers do mix options.
+  for r in range(2):
+    seq = np.concatenate([prompts[r, :lengths[r]], np.asarray(out.tokens_BN[r])])
+    logits, _ = model(jnp.asarray(seq)[None])
+    logp = jax.nn.log_softmax(logits[0, lengths[r] - 1:-1], -1)
+    teacher = np.take_along_axis(np.asarray(logp), np.asarray(out.tokens_BN[r])[:, None], -1)
+    np.testing.assert_allclose(np.asarray(out.logprobs_BN[r]), teacher[:, 0], atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out.tokens_BN[r]), np.argmax(logp, -1))
 
 
 def _masked_ce_sum(model, tokens, segs, routing):
@@ -141,8 +219,23 @@ def test_validation_and_registry():
   assert isinstance(registry.build("duo", config, rngs=nnx.Rngs(0)), duo.DuoTransformer)
 
 
-def test_scan_layers_rejected_and_remat_recomputes_same_grads():
-  with pytest.raises(ValueError, match=r"model.scan_layers=True is not supported by the 'duo'"):
-    duo.Config(**dict(TINY, small_mlp_dim=16), scan_layers=True)
+@pytest.mark.parametrize("field", ["small_capacity", "big_capacity"])
+@pytest.mark.parametrize("value", [0, 1.5, True, "half"])
+def test_capacity_validation_names_the_field(field, value):
+  with pytest.raises(ValueError, match=f"model.{field}="):
+    duo.Config(**TINY, small_mlp_dim=16, **{field: value})
+
+
+def test_scan_layers_equals_unrolled_and_remat_recomputes_same_grads():
   tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, TINY["vocab_size"])
+  results = []
+  for scan in (False, True):
+    graphdef, state = nnx.split(_model(6, scan_layers=scan, small_capacity=0.5))
+
+    def loss(st, graphdef=graphdef):
+      logits, aux = nnx.merge(graphdef, st)(tokens)
+      return jnp.mean(logits ** 2) + sum(aux["losses"].values()), aux["routing_LBS"]
+    results.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(state))
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
   assert_remat_honoured(lambda remat: _model(remat=remat), tokens)

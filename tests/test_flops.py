@@ -71,17 +71,37 @@ def test_mod_scaling_rules():
   assert flops.executed_train_flops(c, b, s) == pytest.approx(3 * routed)
 
 
-def test_duo_and_first_use_realised_fractions():
+@pytest.mark.parametrize("small_capacity,big_capacity", [(0.5, 0.25), (1.0, 1.0)])
+def test_duo_forward_matches_xla_cost_analysis(small_capacity, big_capacity):
+  """The dispatched MLPs run on their slots only: XLA's count follows the capacities."""
+  b, s = 2, 64
+  config = duo.Config(**WIDE, small_mlp_dim=256, small_capacity=small_capacity,
+                      big_capacity=big_capacity)
+  xla = _xla_forward_flops(duo.DuoTransformer(config, rngs=nnx.Rngs(0)), b, s)
+  ours = (flops.executed_forward_flops(config, b, s)
+          + config.num_layers * flops.attention_score_flops(config, b, s))  # masked half
+  assert ours == pytest.approx(xla, rel=0.10), (ours, xla)
+  # Executed = the options' slots, whatever the routing was.
+  slots = flops.duo_routed_forward_flops(
+      config, b, s, {"duo/frac_small": small_capacity, "duo/frac_big": big_capacity})
+  assert flops.executed_forward_flops(config, b, s, {"duo/frac_big": 0.0}) == slots
+
+
+def test_duo_routed_and_first_use_realised_fractions():
   b, s = 2, 32
   dc = duo.Config(**WIDE, small_mlp_dim=256)
   dense = flops.dense_forward_flops(dc, b, s)
   router = dc.num_layers * 2.0 * b * s * dc.dim * 3
-  all_big = flops.executed_forward_flops(dc, b, s, {"duo/frac_small": 0.0, "duo/frac_big": 1.0})
+  all_big = flops.duo_routed_forward_flops(dc, b, s, {"duo/frac_small": 0.0,
+                                                      "duo/frac_big": 1.0})
   assert all_big == pytest.approx(dense + router)
-  mixed = flops.executed_forward_flops(dc, b, s, {"duo/frac_small": 0.5, "duo/frac_big": 0.25})
+  mixed = flops.duo_routed_forward_flops(dc, b, s, {"duo/frac_small": 0.5, "duo/frac_big": 0.25})
   ffn_saved = dc.num_layers * 2.0 * b * s * (0.75 * flops.mlp_params(dc)
                                               - 0.5 * flops.mlp_params(dc, 256))
   assert mixed == pytest.approx(all_big - ffn_saved)
+  # Capacity 1 for both options executes both MLPs on every token.
+  assert flops.executed_forward_flops(dc, b, s) == pytest.approx(
+      all_big + dc.num_layers * 2.0 * b * s * flops.mlp_params(dc, 256))
 
   fc = first.Config(**WIDE)
   none_skipped = flops.executed_forward_flops(fc, b, s, {"first/skip_fraction": 0.0})
