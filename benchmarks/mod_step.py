@@ -4,9 +4,8 @@
     # accelerator, e.g.: --dim=1024 --layers=12 --heads=16 --head_dim=64 --mlp_dim=4096
     #                    --batch=8 --seq=2048 --dtype=bfloat16 --steps=10 --rounds=5
 
-Both models are stepped by the trainer's own jitted step (`train.trainer.setup`:
-value_and_grad of LM loss + aux losses, global-norm clipping + AdamW, non-finite
-skip, donated state), on the same random [B, S] batches. MoD: capacity 12.5%,
+Both models are stepped by the trainer's own jitted step on the same random
+[B, S] batches (`benchmarks.step_compare`). MoD: capacity 12.5%,
 every other block routed (offset 1), paper router (x + r·f(x)), predictor and
 router BCE losses on. Rounds of `--steps` steps alternate dense/MoD (order
 flipped every round) so machine load hits both alike; the median per-step time
@@ -28,77 +27,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from adaptive import flops as flops_lib
 from adaptive import routing
-from configs import lm_dense
+from benchmarks import isoflop, step_compare
 from models import mod
-from train import config_lib, sharding, trainer
 
 TARGET_OVERHEAD = 1.15
 
 
 def make_config(args, kind: str):
-  c = lm_dense.get_config()
-  c.batch_size, c.seq_len, c.total_steps = args.batch, args.seq, 1000
-  c.optimizer.warmup_steps = 10
-  c.mesh.data = -1
-  with c.unlocked():
-    c.model.update(dict(kind=kind, vocab_size=args.vocab, dim=args.dim, num_layers=args.layers,
-                        num_heads=args.heads, num_kv_heads=args.kv_heads,
-                        head_dim=args.head_dim, mlp_dim=args.mlp_dim, dtype=args.dtype,
-                        param_dtype="float32", remat=args.remat))
-    if kind == "mod":
-      c.model.update(dict(capacity=args.capacity, routed_every=2, routed_offset=1,
-                          router_activation="identity", decode_router="predictor",
-                          router_loss_weight=0.01, predictor_loss_weight=0.01,
-                          predictor_hidden=args.predictor_hidden))
-  return c
-
-
-def host_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0):
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(n):
-    tokens = rng.integers(3, vocab, (batch, seq + 1)).astype(np.int32)
-    out.append({"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-                "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
-                "segment_ids": np.ones((batch, seq), np.int32),
-                "loss_mask": np.ones((batch, seq), np.float32)})
-  return out
-
-
-class Runner:
-  """One model stepped by train.trainer's jitted train step."""
-
-  def __init__(self, config):
-    self.run = config_lib.validate(config, num_devices=jax.device_count())
-    mesh = sharding.make_mesh(dict(config.mesh))
-    self.setup = trainer.setup(self.run, config, mesh)
-    self.state = self.setup.init()
-
-  def steps(self, batches) -> dict:
-    metrics = None
-    for b in batches:
-      self.state, metrics = self.setup.train_step(self.state,
-                                                  trainer.device_batch(b, self.setup))
-    return jax.device_get(metrics)
-
-
-def timed_round(runner: Runner, batches) -> float:
-  start = time.perf_counter()
-  runner.steps(batches)
-  return (time.perf_counter() - start) / len(batches)
+  if kind != "mod":
+    return step_compare.make_config(args, kind)
+  return step_compare.make_config(
+      args, kind, capacity=args.capacity, routed_every=2, routed_offset=1,
+      router_activation="identity", decode_router="predictor", router_loss_weight=0.01,
+      predictor_loss_weight=0.01, predictor_hidden=args.predictor_hidden)
 
 
 def _time(fn, *args, reps: int = 5) -> float:
@@ -164,39 +115,17 @@ def breakdown(mod_config, batch: int, seq: int) -> dict:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--vocab", type=int, default=320)
-  p.add_argument("--dim", type=int, default=256)
-  p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--kv_heads", type=int, default=4)
-  p.add_argument("--head_dim", type=int, default=64)
-  p.add_argument("--mlp_dim", type=int, default=768)
+  step_compare.add_shape_flags(p)
   p.add_argument("--predictor_hidden", type=int, default=64)
   p.add_argument("--capacity", type=float, default=0.125)
-  p.add_argument("--batch", type=int, default=2)
-  p.add_argument("--seq", type=int, default=1024)
-  p.add_argument("--dtype", default="float32")
-  p.add_argument("--remat", default="none")
-  p.add_argument("--steps", type=int, default=3, help="steps per timed round")
-  p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True)
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                "mod_step.json"))
   args = p.parse_args()
 
   configs = {kind: make_config(args, kind) for kind in ("dense", "mod")}
-  batches = host_batches(args.steps, args.batch, args.seq, args.vocab)
-  runners, compile_s, times = {}, {}, {"dense": [], "mod": []}
-  for kind in ("dense", "mod"):
-    start = time.perf_counter()
-    runners[kind] = Runner(configs[kind])
-    runners[kind].steps(batches[:1])
-    compile_s[kind] = time.perf_counter() - start
-    print(f"{kind}: compile + first step {compile_s[kind]:.1f} s", flush=True)
-  for r in range(args.rounds):
-    for kind in (("dense", "mod") if r % 2 == 0 else ("mod", "dense")):
-      times[kind].append(timed_round(runners[kind], batches))
-      print(f"round {r} {kind}: {times[kind][-1]:.3f} s/step", flush=True)
+  batches = step_compare.host_batches(args.steps, args.batch, args.seq, args.vocab)
+  runners, compile_s, times = step_compare.time_models(configs, batches, args.rounds)
 
   mod_cfg = runners["mod"].run.model_config
   dense_cfg = runners["dense"].run.model_config
@@ -210,11 +139,7 @@ def main():
       "benchmark": "mod_step",
       "step": "train.trainer.setup(...).train_step (the trainer's jitted step: LM + aux losses, "
               "clip + AdamW, non-finite skip, donated state)",
-      "devices": [str(d) for d in jax.devices()], "device_kind": jax.devices()[0].device_kind,
-      "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
-      "machine": platform.machine(),
-      "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-                   "numpy": np.__version__, "python": platform.python_version()},
+      **isoflop.environment(),
       "config": {k: v for k, v in vars(args).items() if k != "out"},
       "routed_layers": list(mod_cfg.routed_layers),
       "k_per_row": flops_lib.mod_routed_tokens(mod_cfg, args.seq),

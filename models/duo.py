@@ -103,6 +103,48 @@ class SmallMLP(nnx.Module):
     return self.mlp(x_BSD)
 
 
+def option_slots(config: Config, seq_len: int) -> dict[int, int]:
+  """Static slots per row of the SMALL and BIG options for rows of `seq_len` tokens."""
+  return {SMALL: routing.capacity_k(config.small_capacity, seq_len),
+          BIG: routing.capacity_k(config.big_capacity, seq_len)}
+
+
+def routed_ffn(n_BSD, router_DO, small, big, slots_O: dict[int, int], *, choice_BS=None,
+               weights_BSO=None):
+  """One layer's routed FFN on its normed input n [B, S, D].
+
+  The choice is the router's argmax (straight-through weights), or
+  `choice_BS` (fixed routing, one-hot weights), or `weights_BSO` (float
+  [B, S, 3]: every option runs on every token, no capacity, output Σ_o w_o·ffn_o).
+  Otherwise each option runs only on its `slots_O[option]` first-come tokens
+  per row; later ones are dropped to SKIP.
+
+  Returns (ffn_BSD float32, router probabilities p_BSO, choice_BS, executed_BS).
+  """
+  s = n_BSD.shape[1]
+  p_BSO = jax.nn.softmax(jnp.einsum("bsd,do->bso", n_BSD.astype(jnp.float32), router_DO),
+                         axis=-1)
+  dense_eval = weights_BSO is not None  # Every option on every token (oracle scores).
+  if dense_eval:
+    w_BSO = weights_BSO.astype(jnp.float32)
+    choice_BS = jnp.argmax(w_BSO, -1).astype(jnp.int32)
+  elif choice_BS is not None:
+    w_BSO = jax.nn.one_hot(choice_BS, 3, dtype=jnp.float32)
+  else:
+    choice_BS = jnp.argmax(p_BSO, -1).astype(jnp.int32)
+    onehot_BSO = jax.nn.one_hot(choice_BS, 3, dtype=jnp.float32)
+    w_BSO = onehot_BSO + p_BSO - jax.lax.stop_gradient(p_BSO)  # Straight-through.
+  ffn_BSD = jnp.zeros(n_BSD.shape, jnp.float32)
+  executed_BS = choice_BS
+  for option, mlp in ((SMALL, small), (BIG, big)):
+    wants_BS = choice_BS == option
+    slots = routing.first_come_slots(jnp.ones_like(wants_BS) if dense_eval else wants_BS,
+                                     s if dense_eval else slots_O[option])
+    ffn_BSD += routing.dispatch_combine(mlp, n_BSD, slots, w_BSO[..., option])
+    executed_BS = jnp.where(wants_BS & ~slots.kept_BS, SKIP, executed_BS)
+  return ffn_BSD, p_BSO, choice_BS, executed_BS
+
+
 class DuoTransformer(transformer.Transformer):
   """Dense transformer whose FFNs are routed per token to skip / small / big."""
 
@@ -122,11 +164,9 @@ class DuoTransformer(transformer.Transformer):
     "dropped_L" fraction of tokens dropped by the capacity.
     """
     c = self.config
-    b, s = x_BSD.shape[:2]
+    s = x_BSD.shape[1]
     costs_O = jnp.asarray(c.option_costs, jnp.float32)
-    dense_eval = routing_weights_LBSO is not None  # Every option on every token (oracle scores).
-    slots_O = {SMALL: routing.capacity_k(c.small_capacity, s),
-               BIG: routing.capacity_k(c.big_capacity, s)}
+    slots_O = option_slots(c, s)
     block_def, block_state = nnx.split(self.layers)
     small_def, small_state = nnx.split(self.small_mlps)
     if routing_LBS is not None:
@@ -140,25 +180,8 @@ class DuoTransformer(transformer.Transformer):
                                    layer_kv)
       h_BSD = x_BSD + a_BSD
       n_BSD = block.mlp_norm(h_BSD)
-      p_BSO = jax.nn.softmax(jnp.einsum("bsd,do->bso", n_BSD.astype(jnp.float32), router_DO),
-                             axis=-1)
-      if w_BSO is not None:
-        w_BSO = w_BSO.astype(jnp.float32)
-        choice_BS = jnp.argmax(w_BSO, -1).astype(jnp.int32)
-      elif choice_BS is not None:
-        w_BSO = jax.nn.one_hot(choice_BS, 3, dtype=jnp.float32)
-      else:
-        choice_BS = jnp.argmax(p_BSO, -1).astype(jnp.int32)
-        onehot_BSO = jax.nn.one_hot(choice_BS, 3, dtype=jnp.float32)
-        w_BSO = onehot_BSO + p_BSO - jax.lax.stop_gradient(p_BSO)  # Straight-through.
-      ffn_BSD = jnp.zeros(h_BSD.shape, jnp.float32)
-      executed_BS = choice_BS
-      for option, mlp in ((SMALL, small), (BIG, block.mlp)):
-        wants_BS = choice_BS == option
-        slots = routing.first_come_slots(jnp.ones_like(wants_BS) if dense_eval else wants_BS,
-                                         s if dense_eval else slots_O[option])
-        ffn_BSD += routing.dispatch_combine(mlp, n_BSD, slots, w_BSO[..., option])
-        executed_BS = jnp.where(wants_BS & ~slots.kept_BS, SKIP, executed_BS)
+      ffn_BSD, p_BSO, choice_BS, executed_BS = routed_ffn(
+          n_BSD, router_DO, small, block.mlp, slots_O, choice_BS=choice_BS, weights_BSO=w_BSO)
       stats = {"counts_LO": jnp.mean(jax.nn.one_hot(executed_BS, 3), axis=(0, 1)),
                "expected_cost_L": jnp.mean(p_BSO @ costs_O),
                "routing_LBS": executed_BS,
