@@ -25,8 +25,15 @@ slots in position order (`adaptive.routing.first_come_slots`, causal); only
 the slotted tokens are gathered through its MLP and scattered back, so the
 executed FFN compute is capacity_small·small + capacity_big·big per token
 (`adaptive.flops.duo_forward_flops`). A token past an option's capacity is
-dropped to SKIP ("duo/frac_dropped"). With capacity 1 nothing is dropped (and
-the MLP runs on every token's slot). A decode step (S = 1) always has a slot.
+dropped to SKIP ("duo/frac_dropped"). A decode step (S = 1) always has a slot.
+
+Router gradient and capacity: an option at capacity 1 runs on every token
+(weight 0 where not chosen), so the straight-through weights carry the
+gradient of every option, taken or not, to the router. A dispatched option
+(capacity < 1) runs on its slotted tokens only, so the router learns from the
+options tokens took (as in switch-style MoE); nothing pulls a skipped token
+back but the router's generalisation, so with a compute penalty watch
+"duo/frac_skip".
 
 Decoding: `forward_cached` (and so `models.decoding.generate`) routes every
 new token with the routers' own argmax, the same rule as training.
@@ -116,8 +123,9 @@ def routed_ffn(n_BSD, router_DO, small, big, slots_O: dict[int, int], *, choice_
   The choice is the router's argmax (straight-through weights), or
   `choice_BS` (fixed routing, one-hot weights), or `weights_BSO` (float
   [B, S, 3]: every option runs on every token, no capacity, output Σ_o w_o·ffn_o).
-  Otherwise each option runs only on its `slots_O[option]` first-come tokens
-  per row; later ones are dropped to SKIP.
+  Otherwise an option with fewer slots than tokens runs only on its
+  `slots_O[option]` first-come tokens per row (later ones are dropped to SKIP),
+  and an option with a slot for every token (capacity 1) runs on all of them.
 
   Returns (ffn_BSD float32, router probabilities p_BSO, choice_BS, executed_BS).
   """
@@ -137,9 +145,14 @@ def routed_ffn(n_BSD, router_DO, small, big, slots_O: dict[int, int], *, choice_
   ffn_BSD = jnp.zeros(n_BSD.shape, jnp.float32)
   executed_BS = choice_BS
   for option, mlp in ((SMALL, small), (BIG, big)):
+    if dense_eval or slots_O[option] >= s:
+      # Every token has a slot: run the MLP on all of them, no gather. The
+      # straight-through weight then also gives the router the gradient of the
+      # options a token did not take (its value there is 0).
+      ffn_BSD += w_BSO[..., option, None] * mlp(n_BSD).astype(jnp.float32)
+      continue
     wants_BS = choice_BS == option
-    slots = routing.first_come_slots(jnp.ones_like(wants_BS) if dense_eval else wants_BS,
-                                     s if dense_eval else slots_O[option])
+    slots = routing.first_come_slots(wants_BS, slots_O[option])
     ffn_BSD += routing.dispatch_combine(mlp, n_BSD, slots, w_BSO[..., option])
     executed_BS = jnp.where(wants_BS & ~slots.kept_BS, SKIP, executed_BS)
   return ffn_BSD, p_BSO, choice_BS, executed_BS

@@ -73,7 +73,9 @@ def _replay(m, tokens, slots=None):
   """Reference Duo forward: routers' argmax, every MLP on every token, masked by the choice.
 
   With `slots` = (small, big) per row, a token is dropped to SKIP when it is
-  past the first `slots` tokens of its row that chose the option (numpy).
+  past the first `slots` tokens of its row that chose the option. Weights are
+  straight-through, onehot + p − stop_gradient(p): on every token for an
+  option without slots given (capacity 1), on its slotted tokens otherwise.
   Returns (logits, executed choices [L, B, S]).
   """
   b, s = tokens.shape
@@ -86,15 +88,32 @@ def _replay(m, tokens, slots=None):
     small = nnx.merge(sm[0], jax.tree.map(lambda a, i=i: a[i], sm[1]))
     h = x + blk.attn(blk.attn_norm(x), pos, None)[0]
     n = blk.mlp_norm(h)
-    choice = np.array(jnp.argmax(n @ m.ffn_router[...][i], -1))
-    if slots is not None:
-      for option, cap in ((duo.SMALL, slots[0]), (duo.BIG, slots[1])):
+    p = jax.nn.softmax(n @ m.ffn_router[...][i], -1)
+    choice = jnp.argmax(p, -1)
+    w = jax.nn.one_hot(choice, 3) + p - jax.lax.stop_gradient(p)
+    for option in (duo.SMALL, duo.BIG):
+      if slots is not None:
         wants = choice == option
-        choice[wants & (np.cumsum(wants, axis=1) > cap)] = duo.SKIP
+        dropped = wants & (jnp.cumsum(wants, axis=1) > slots[option - 1])
+        w = w.at[..., option].multiply(jnp.where(wants & ~dropped, 1.0, 0.0))
+        choice = jnp.where(dropped, duo.SKIP, choice)
     executed.append(choice)
-    x = h + jnp.where((choice == 2)[..., None], blk.mlp(n), 0) + jnp.where(
-        (choice == 1)[..., None], small(n), 0)
+    x = h + w[..., 2:] * blk.mlp(n) + w[..., 1:2] * small(n)
   return m.logits_from_hidden(x), np.stack(executed)
+
+
+@pytest.mark.parametrize("capacity,slots", [(1.0, None), (0.25, (4, 4))])
+def test_router_gradient_matches_straight_through_reference(capacity, slots):
+  """Capacity 1: every option's gradient reaches the router; dispatched: only the slotted ones."""
+  tokens = jax.random.randint(jax.random.key(7), (2, 16), 0, 64)
+  model = _model(7, small_capacity=capacity, big_capacity=capacity)
+  graphdef, state = nnx.split(model)
+  loss = lambda logits: jnp.mean(jax.nn.logsumexp(logits, -1))  # noqa
+  got = jax.grad(lambda st: loss(nnx.merge(graphdef, st)(tokens)[0]))(state)
+  want = jax.grad(lambda st: loss(_replay(nnx.merge(graphdef, st), tokens, slots)[0]))(state)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5)
+  assert np.abs(np.asarray(got["ffn_router"][...])).max() > 0
 
 
 def test_capacity_dispatch_runs_first_come_tokens_and_drops_the_rest():
