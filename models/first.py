@@ -68,9 +68,6 @@ class Config(transformer.Config):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"model.{name}={value!r}: must be a number")
-    if self.scan_layers:
-      raise ValueError("model.scan_layers=True is not supported by the 'first' model yet; "
-                       "allowed: False")
     if self.skip_penalty < 0:
       raise ValueError(f"model.skip_penalty={self.skip_penalty!r}: must be >= 0")
     if not self.gate_temperature > 0:
@@ -88,6 +85,13 @@ def ROUTER_PARAMS(path, value) -> bool:  # noqa: N802 (an nnx filter, used like 
 def load_dense(model: "FiRSTTransformer", dense_state: nnx.State) -> None:
   """Copies a pretrained dense transformer's parameters into `model` (routers untouched)."""
   nnx.update(model, dense_state)
+
+
+def gate_probability(config: Config, w_D: jax.Array, bias: jax.Array,
+                     pooled_ND: jax.Array) -> jax.Array:
+  """σ((wᵀ·pooled + b) / gate_temperature): one layer's execute-probability, [..., D] -> [...]."""
+  logit = pooled_ND.astype(jnp.float32) @ w_D + bias
+  return jax.nn.sigmoid(logit / config.gate_temperature)
 
 
 @jax.tree_util.register_dataclass
@@ -121,15 +125,15 @@ class FiRSTTransformer(transformer.Transformer):
     self.skip_router_b = nnx.Param(jnp.full((c.num_layers,), c.router_init_bias, jnp.float32),
                                    logical_axes=("layers",))
 
-  def _block(self, i):
-    graphdef, state = nnx.split(self.layers)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
-
   def gate_prob(self, i: int, pooled_ND: jax.Array) -> jax.Array:
     """Execute-probability of layer i from pooled prompt states [N, D] -> [N]."""
-    c = self.config
-    logit = pooled_ND.astype(jnp.float32) @ self.skip_router_w[...][i] + self.skip_router_b[...][i]
-    return jax.nn.sigmoid(logit / c.gate_temperature)
+    return gate_probability(self.config, self.skip_router_w[...][i], self.skip_router_b[...][i],
+                            pooled_ND)
+
+  def _router_and_blocks(self):
+    """(block graphdef, xs for run_stacked: (block state, router w [L, D], router b [L]))."""
+    graphdef, state = nnx.split(self.layers)
+    return graphdef, (state, self.skip_router_w[...], self.skip_router_b[...])
 
   # -- training / teacher-forced --
 
@@ -149,30 +153,28 @@ class FiRSTTransformer(transformer.Transformer):
     pool_BSS = ((seg_BS[:, :, None] == seg_BS[:, None, :]) & is_prompt_BS[:, None, :])
     pool_BSS = pool_BSS.astype(jnp.float32)
     pool_BSS = pool_BSS / jnp.maximum(pool_BSS.sum(-1, keepdims=True), 1.0)
-    x_BSD = self.embed_tokens(tokens_BS)
-    probs, skipped = [], []
-    for i in range(c.num_layers):
+    graphdef, xs = self._router_and_blocks()
 
-      def layer(model, x_BSD, i=i):
-        pooled_BSD = jnp.einsum("bst,btd->bsd", pool_BSS, x_BSD.astype(jnp.float32))
-        p_BS = model.gate_prob(i, pooled_BSD.reshape(b * s, -1)).reshape(b, s)
-        y_BSD, _ = model._block(i)(x_BSD, positions_BS, segment_ids_BS)
-        if gates == "relaxed":
-          update = p_BS[..., None] * (y_BSD - x_BSD).astype(jnp.float32)
-          x_BSD = x_BSD + update.astype(x_BSD.dtype)
-          skipped = jnp.float32(0.0)
-        else:
-          execute_BS = p_BS >= 0.5
-          x_BSD = jnp.where(execute_BS[..., None], y_BSD, x_BSD)
-          skipped = 1.0 - jnp.mean(execute_BS.astype(jnp.float32))
-        return x_BSD, skipped, jnp.mean(p_BS)
+    def body(carry, xs_l):
+      x_BSD, _ = carry
+      block_st, w_D, bias = xs_l
+      pooled_BSD = jnp.einsum("bst,btd->bsd", pool_BSS, x_BSD.astype(jnp.float32))
+      p_BS = gate_probability(c, w_D, bias, pooled_BSD)
+      y_BSD, _ = nnx.merge(graphdef, block_st)(x_BSD, positions_BS, segment_ids_BS)
+      if gates == "relaxed":
+        update = p_BS[..., None] * (y_BSD - x_BSD).astype(jnp.float32)
+        x_BSD = x_BSD + update.astype(x_BSD.dtype)
+        skipped = jnp.float32(0.0)
+      else:
+        execute_BS = p_BS >= 0.5
+        x_BSD = jnp.where(execute_BS[..., None], y_BSD, x_BSD)
+        skipped = 1.0 - jnp.mean(execute_BS.astype(jnp.float32))
+      return (x_BSD, None), (skipped, jnp.mean(p_BS))
 
-      x_BSD, skipped_i, prob_i = transformer.remat_layer(self, layer)(x_BSD)
-      skipped.append(skipped_i)
-      probs.append(prob_i)
-    executed_prob = jnp.mean(jnp.stack(probs))
-    metrics = {"first/executed_prob": executed_prob,
-               "first/skip_fraction": jnp.mean(jnp.stack(skipped))}
+    x_BSD, _, (skipped, probs) = transformer.run_stacked(c, body, self.embed_tokens(tokens_BS),
+                                                         None, xs)
+    executed_prob = jnp.mean(probs)
+    metrics = {"first/executed_prob": executed_prob, "first/skip_fraction": jnp.mean(skipped)}
     losses = {"first/compute": c.skip_penalty * executed_prob} if c.skip_penalty else {}
     return self.logits_from_hidden(x_BSD), {"losses": losses, "metrics": metrics}
 
@@ -188,21 +190,24 @@ class FiRSTTransformer(transformer.Transformer):
   def _cached_layers(self, x_BSD, positions_BS, cache: FiRSTCache, prompt_lengths_B=None):
     """Runs the layers over the cache; with `prompt_lengths_B`, decides them first (prefill)."""
     c = self.config
-    b, s = positions_BS.shape
+    b = positions_BS.shape[0]
     t = cache.capacity
     kv_positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    k_all, v_all, execute_BL = cache.k_LBTKD, cache.v_LBTKD, cache.execute_BL
-    if prompt_lengths_B is not None:
+    deciding = prompt_lengths_B is not None
+    if deciding:
       real_BS = positions_BS < prompt_lengths_B[:, None]
       weights_BS = real_BS / jnp.maximum(real_BS.sum(-1, keepdims=True), 1)
-    for i in range(c.num_layers):
-      if prompt_lengths_B is not None:
-        pooled_BD = jnp.einsum("bs,bsd->bd", weights_BS, x_BSD.astype(jnp.float32))
-        execute_BL = execute_BL.at[:, i].set(self.gate_prob(i, pooled_BD) >= 0.5)
-      execute_B = execute_BL[:, i]
-      block = self._block(i)
+    graphdef, xs = self._router_and_blocks()
 
-      def run(args, block=block, execute_B=execute_B):
+    def body(carry, xs_l):
+      x_BSD, layer_kv = carry
+      block_st, w_D, bias, execute_B = xs_l
+      block = nnx.merge(graphdef, block_st)
+      if deciding:
+        pooled_BD = jnp.einsum("bs,bsd->bd", weights_BS, x_BSD.astype(jnp.float32))
+        execute_B = gate_probability(c, w_D, bias, pooled_BD) >= 0.5
+
+      def run(args):
         x, k_BTKD, v_BTKD = args
         q_BSHD, k_BSKD, v_BSKD = block.attn.project_qkv(block.attn_norm(x), positions_BS)
         # Rows that skip this layer write nothing: their slots go out of range (dropped).
@@ -217,10 +222,14 @@ class FiRSTTransformer(transformer.Transformer):
         return jnp.where(execute_B[:, None, None], y, x), k_BTKD, v_BTKD
 
       # No row runs this layer: skip its compute altogether.
-      x_BSD, k_i, v_i = jax.lax.cond(jnp.any(execute_B), run, lambda args: args,
-                                     (x_BSD, k_all[i], v_all[i]))
-      k_all, v_all = k_all.at[i].set(k_i), v_all.at[i].set(v_i)
-    return x_BSD, FiRSTCache(k_all, v_all, execute_BL)
+      x_BSD, k_BTKD, v_BTKD = jax.lax.cond(jnp.any(execute_B), run, lambda args: args,
+                                           (x_BSD, *layer_kv))
+      return (x_BSD, (k_BTKD, v_BTKD)), execute_B
+
+    execute_LB = None if deciding else cache.execute_BL.T
+    kv = kv_cache_lib.KVCache(cache.k_LBTKD, cache.v_LBTKD)
+    x_BSD, kv, execute_LB = transformer.run_stacked(c, body, x_BSD, kv, (*xs, execute_LB))
+    return x_BSD, FiRSTCache(kv.k_LBTKD, kv.v_LBTKD, execute_LB.T)
 
   def prefill(self, tokens_BS, prompt_lengths_B, cache: FiRSTCache):
     """Prompt forward (right-padded, from position 0) that decides each row's layers.

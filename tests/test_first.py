@@ -111,9 +111,33 @@ def test_validation_and_registry():
   assert isinstance(registry.build("first", config, rngs=nnx.Rngs(0)), first.FiRSTTransformer)
 
 
-def test_scan_layers_rejected_and_remat_recomputes_same_grads():
-  with pytest.raises(ValueError, match=r"model.scan_layers=True is not supported by the 'first'"):
-    first.Config(**TINY, scan_layers=True)
+def _routed_model(scan_layers=False):
+  model = first.FiRSTTransformer(first.Config(**TINY, scan_layers=scan_layers), rngs=nnx.Rngs(1))
+  model.skip_router_w[...] = jax.random.normal(jax.random.key(0), (4, 32)) * 0.5
+  model.skip_router_b[...] = jnp.asarray([8.0, 0.0, 0.0, -8.0])
+  return model
+
+
+def test_scan_layers_equals_unrolled_in_training_and_decoding():
+  b, s, prompt = 2, 9, 4
+  tokens = jax.random.randint(jax.random.key(1), (b, s), 0, 64)
+  results = []
+  for scan in (False, True):
+    model = _routed_model(scan)
+    graphdef, state = nnx.split(model)
+
+    def loss(st, graphdef=graphdef):
+      logits, aux = nnx.merge(graphdef, st)(tokens)
+      return jnp.mean(logits ** 2) + sum(aux["losses"].values())
+    decoded, cache = _decode_all(model, tokens, prompt, jnp.asarray([prompt, 3]))
+    results.append((jax.jit(jax.value_and_grad(loss))(state), decoded, cache))
+  for a, b_ in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=1e-6, rtol=1e-5)
+  execute = np.asarray(results[1][2].execute_BL)
+  assert execute[:, 0].all() and not execute[:, 3].any()  # Both branches of the layer cond ran.
+
+
+def test_remat_recomputes_same_grads():
   tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, TINY["vocab_size"])
   assert_remat_honoured(
       lambda remat: first.FiRSTTransformer(first.Config(**TINY, remat=remat), rngs=nnx.Rngs(0)),
