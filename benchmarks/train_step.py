@@ -23,11 +23,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from adaptive import flops as flops_lib
+from benchmarks import step_compare
 from configs import lm_dense
 from models import registry
 from train import config_lib, sharding, trainer
@@ -47,15 +47,7 @@ def make_config():
 
 
 def host_batches(n: int, seed: int = 0):
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(n):
-    tokens = rng.integers(3, MODEL["vocab_size"], (BATCH, SEQ + 1)).astype(np.int32)
-    out.append({"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-                "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy(),
-                "segment_ids": np.ones((BATCH, SEQ), np.int32),
-                "loss_mask": np.ones((BATCH, SEQ), np.float32)})
-  return out
+  return step_compare.host_batches(n, BATCH, SEQ, MODEL["vocab_size"], seed)
 
 
 class Framework:
