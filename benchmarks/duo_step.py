@@ -36,11 +36,10 @@ import os
 import statistics
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from adaptive import flops as flops_lib
-from benchmarks import isoflop, mod_step, step_compare
+from benchmarks import isoflop, step_compare
 from models import duo as duo_lib
 
 TARGET_OVERHEAD = 1.15
@@ -57,11 +56,6 @@ def ffn_breakdown(config, batch: int, seq: int) -> dict:
   graphdef, state = nnx.split(model)
   slots_O = duo_lib.option_slots(config, seq)
 
-  def grad_of(f):
-    def loss(st, n):
-      return jnp.sum(f(nnx.merge(graphdef, st), n).astype(jnp.float32) ** 2)
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))
-
   def layer0(module):
     graph, st = nnx.split(module)
     return nnx.merge(graph, jax.tree.map(lambda a: a[0], st))
@@ -73,8 +67,9 @@ def ffn_breakdown(config, batch: int, seq: int) -> dict:
     return duo_lib.routed_ffn(n, m.ffn_router[...][0], layer0(m.small_mlps),
                               layer0(m.layers).mlp, slots_O)[0]
 
-  dense_s = mod_step._time(grad_of(dense_ffn), state, n_BSD)
-  routed_s = mod_step._time(grad_of(routed), state, n_BSD)
+  dense_s, routed_s = (
+      step_compare.median_seconds(step_compare.jitted_fwd_bwd(graphdef, f), state, n_BSD)
+      for f in (dense_ffn, routed))
   small, big = slots_O[duo_lib.SMALL] / seq, slots_O[duo_lib.BIG] / seq
   ffn_flop_ratio = (small * config.small_mlp_dim + big * config.mlp_dim) / config.mlp_dim
   return {"dense_ffn_s": dense_s, "routed_ffn_s": routed_s,

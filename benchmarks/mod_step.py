@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -52,16 +51,6 @@ def make_config(args, kind: str):
       predictor_loss_weight=0.01, predictor_hidden=args.predictor_hidden)
 
 
-def _time(fn, *args, reps: int = 5) -> float:
-  jax.block_until_ready(fn(*args))  # compile
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def breakdown(mod_config, batch: int, seq: int) -> dict:
   """Seconds (median, fwd+bwd, jitted) of one routed block's pieces at [batch, seq]."""
   model = mod.MoDTransformer(mod_config, rngs=nnx.Rngs(0))
@@ -70,11 +59,6 @@ def breakdown(mod_config, batch: int, seq: int) -> dict:
                             mod_config.compute_dtype)
   pos_BS = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
   graphdef, state = nnx.split(model)
-
-  def grad_of(f):
-    def loss(st, x):
-      return jnp.sum(f(nnx.merge(graphdef, st), x).astype(jnp.float32) ** 2)
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
   def dense_block(m, x):
     return m._block(1)(x, pos_BS, None)[0]
@@ -101,14 +85,15 @@ def breakdown(mod_config, batch: int, seq: int) -> dict:
     return routing.bce_with_logits(logits, sel) + routing.router_bce_loss(m.router_logits(0, x),
                                                                           sel)
 
-  out = {name: _time(grad_of(f), state, x_BSD)
+  out = {name: step_compare.median_seconds(step_compare.jitted_fwd_bwd(graphdef, f), state,
+                                           x_BSD)
          for name, f in (("dense_block_S", dense_block), ("mod_routed_block", routed_block),
                          ("block_on_k_tokens", block_on_k), ("router_topk_gather_scatter",
                                                              route_only),
                          ("predictor_and_bces", predictor))}
   top_k = jax.jit(lambda r: routing.top_k_indices(r, k))
-  out["top_k_only_fwd"] = _time(top_k, jnp.asarray(np.random.default_rng(0).normal(
-      size=(batch, seq)), jnp.float32))
+  scores_BS = jnp.asarray(np.random.default_rng(0).normal(size=(batch, seq)), jnp.float32)
+  out["top_k_only_fwd"] = step_compare.median_seconds(top_k, scores_BS)
   out["k"] = k
   return out
 

@@ -10,10 +10,13 @@ every round's seconds per step (report the median).
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from configs import lm_dense
 from train import config_lib, sharding, trainer
@@ -93,6 +96,24 @@ def timed_round(runner: Runner, batches) -> float:
   start = time.perf_counter()
   runner.steps(batches)
   return (time.perf_counter() - start) / len(batches)
+
+
+def median_seconds(fn, *args, reps: int = 5) -> float:
+  """Median wall seconds of `fn(*args)` over `reps` calls, after one call that compiles."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def jitted_fwd_bwd(graphdef, f):
+  """jit(grad) of Σ f(model, x)² w.r.t. (model state, x): times a piece's forward + backward."""
+  def loss(state, x):
+    return jnp.sum(f(nnx.merge(graphdef, state), x).astype(jnp.float32) ** 2)
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
 def time_models(configs: dict, batches, rounds: int):
