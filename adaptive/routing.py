@@ -134,11 +134,11 @@ def dispatch_combine(fn, x_BSD: jax.Array, slots_: Slots, weights_BS: jax.Array)
 
   `fn` maps [B, C, D] -> [B, C, D'] and runs on the C slotted tokens per row
   only (so its cost is C/S of running it on every token). Returns [B, S, D']
-  in fn's dtype; unused slots contribute nothing (weight 0, scatter dropped).
+  in fn's dtype; unused slots contribute nothing (their scatter is dropped).
   """
   b, s = x_BSD.shape[:2]
   y_BCD = fn(gather_tokens(x_BSD, slots_.indices_BC))
-  w_BC = jnp.where(slots_.valid_BC, gather_tokens(weights_BS, slots_.indices_BC), 0)
+  w_BC = gather_tokens(weights_BS, slots_.indices_BC)
   rows_BC = jnp.broadcast_to(jnp.arange(b)[:, None], slots_.indices_BC.shape)
   target_BC = jnp.where(slots_.valid_BC, slots_.indices_BC, s)  # Unused slots: dropped.
   update_BCD = (w_BC[..., None] * y_BCD.astype(jnp.float32)).astype(y_BCD.dtype)
