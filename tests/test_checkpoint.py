@@ -1,5 +1,6 @@
 """Checkpoints: exact restore, resharding 8 -> 4 devices, init_from, torn saves (8 fake devices)."""
 
+import json
 import os
 import shutil
 
@@ -105,3 +106,21 @@ def test_unfinished_save_is_ignored(run8, tmp_path):
   ckpt = checkpoint_lib.Checkpointer(copy, keep=2)
   assert ckpt.latest_step() == 4
   ckpt.close()
+
+
+def test_crash_before_first_commit_restarts_fresh_without_duplicate_records(run8, tmp_path):
+  """A kill -9 before any save committed leaves a torn save and metrics of steps to redo."""
+  _, config, summary8 = run8
+  workdir = tmp_path / "crashed"
+  torn = workdir / "checkpoints" / "2.orbax-checkpoint-tmp-1234567" / "state"
+  os.makedirs(torn)
+  (torn / "garbage").write_bytes(b"\0" * 100)
+  with open(run8[0] / "metrics.jsonl") as f:
+    stale = f.readlines()[:3]
+  (workdir / "metrics.jsonl").write_text("".join(stale) + '{"step": 4, "lo')  # cut short
+  summary = main.train_and_evaluate(config, str(workdir), devices=jax.devices())
+  with open(workdir / "metrics.jsonl") as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == [1, 2, 3, 4]
+  for step in steps:
+    assert summary["losses"][step] == pytest.approx(summary8["losses"][step], abs=1e-6)

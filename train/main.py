@@ -157,6 +157,8 @@ def _initial_state(config, setup, run, mesh, ckpt, train_iter, writer):
     writer.truncate_after(latest)
     logging.info("resumed from %s/%d", ckpt.directory, latest)
     return state, f"resumed from step {latest}"
+  # A run killed before its first checkpoint committed left records of steps it will redo.
+  writer.truncate_after(0)
   state = setup.init()
   if not config.init_from:
     return state, "fresh init"
