@@ -91,16 +91,36 @@ def test_uninterrupted_run_learns_and_leaves_artifacts(uninterrupted):
   assert uninterrupted[6][1] is not None and uninterrupted[12][1] is not None
 
 
+def committed_steps(workdir) -> list[int]:
+  """Checkpoint steps whose save finished (orbax renames a step's tmp directory on commit)."""
+  path = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []
+
+
+def wait_for_commit(workdir, proc, timeout=240):
+  deadline = time.time() + timeout
+  while not committed_steps(workdir):
+    if proc.poll() is not None or time.time() > deadline:
+      proc.kill()
+      raise AssertionError(f"no checkpoint committed: {proc.communicate()[0][-3000:]}")
+    time.sleep(0.05)
+
+
 def test_kill_9_then_resume_gives_identical_losses(tmp_path, uninterrupted):
-  kill_at = random.Random().randint(3, TOTAL - 2)
+  # Saves are asynchronous, so the kill waits for one to commit: the resume path is the one
+  # under test (a kill before any commit restarts fresh: test_checkpoint covers that).
+  kill_at = random.Random().randint(3, TOTAL - 4)
   proc = start(tmp_path)
   wait_for_step(tmp_path, proc, kill_at)
+  wait_for_commit(tmp_path, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert os.listdir(tmp_path / "checkpoints")
+  if proc.returncode != -signal.SIGKILL:
+    pytest.fail(f"the run ended before the kill: {proc.communicate()[0][-3000:]}")
+  committed = committed_steps(tmp_path)
   code, out = finish(start(tmp_path))
   assert code == 0, out[-3000:]
-  assert "resumed from step" in out
+  assert f"resumed from step {committed[-1]}" in out, (committed, out[-3000:])
   assert losses(tmp_path) == uninterrupted, f"killed at step >= {kill_at}"
   assert str(TOTAL) in os.listdir(tmp_path / "checkpoints")
   assert os.path.isdir(tmp_path / "tensorboard")
