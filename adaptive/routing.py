@@ -15,7 +15,9 @@ same target (`predictor_logits`, `predictor_init`).
 Token-choice routing with a capacity (`first_come_slots`, `dispatch_combine`)
 sends each token to the option it chose, into a static buffer of C slots per
 row filled in position order; tokens past the capacity are dropped. It is
-causal, and an option's compute is that of C tokens per row.
+causal, and an option's compute is that of C tokens per row. The slots its
+choosers leave spare can carry other tokens (`fill_spare_slots`) at no extra
+cost, e.g. to give a router the gradient of options those tokens did not take.
 
 Shapes: B batch, S sequence, K selected tokens per row (static), C slots per
 row (static), D width, H predictor hidden size. Plain JAX; nothing here imports `models`.
@@ -98,8 +100,9 @@ class Slots(NamedTuple):
   """Token-choice dispatch of one option into a static buffer of C slots per row.
 
   Attributes:
-    indices_BC: int32 row index of the token in each slot (ascending; 0 in
-      unused slots, which `valid_BC` marks).
+    indices_BC: int32 row index of the token in each slot: the kept tokens
+      first, ascending; then any `fill_spare_slots` tokens; 0 in unused
+      slots, which `valid_BC` marks.
     valid_BC: bool, True at slots that hold a token.
     kept_BS: bool, True at tokens that asked for the option and got a slot.
   """
@@ -127,6 +130,28 @@ def first_come_slots(wants_BS: jax.Array, slots: int) -> Slots:
                                                                            mode="drop")
   valid_BC = jnp.arange(slots)[None, :] < jnp.sum(kept_BS, axis=1, keepdims=True)
   return Slots(indices_BC, valid_BC, kept_BS)
+
+
+def fill_spare_slots(slots_: Slots, score_BS: jax.Array, eligible_BS: jax.Array) -> Slots:
+  """Gives the slots the kept tokens leave unused to the eligible tokens of highest score.
+
+  A dispatched option computes C slots per row whatever fills them, so the
+  spare ones cost nothing extra. `kept_BS` is unchanged: a filler is not a
+  token that took the option (combine it with weight 0 in the forward, e.g. a
+  straight-through weight, and it only probes the option for the gradient).
+  Eligible tokens must not be kept ones. No gradient flows through the choice.
+  """
+  b, c = slots_.indices_BC.shape
+  masked_BS = jnp.where(eligible_BS, jax.lax.stop_gradient(score_BS).astype(jnp.float32),
+                        -jnp.inf)
+  best_BC = jax.lax.top_k(masked_BS, c)[1].astype(jnp.int32)  # Best first.
+  n_kept_B1 = jnp.sum(slots_.kept_BS, axis=1, keepdims=True)
+  rank_BC = jnp.maximum(jnp.arange(c)[None, :] - n_kept_B1, 0)  # Filler rank of each slot.
+  filler_BC = jnp.take_along_axis(best_BC, rank_BC, axis=1)
+  spare_BC = ~slots_.valid_BC
+  fills_BC = spare_BC & jnp.take_along_axis(eligible_BS, filler_BC, axis=1)
+  return Slots(indices_BC=jnp.where(spare_BC, filler_BC, slots_.indices_BC),
+               valid_BC=slots_.valid_BC | fills_BC, kept_BS=slots_.kept_BS)
 
 
 def dispatch_combine(fn, x_BSD: jax.Array, slots_: Slots, weights_BS: jax.Array) -> jax.Array:

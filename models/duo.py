@@ -30,10 +30,15 @@ dropped to SKIP ("duo/frac_dropped"). A decode step (S = 1) always has a slot.
 Router gradient and capacity: an option at capacity 1 runs on every token
 (weight 0 where not chosen), so the straight-through weights carry the
 gradient of every option, taken or not, to the router. A dispatched option
-(capacity < 1) runs on its slotted tokens only, so the router learns from the
-options tokens took (as in switch-style MoE); nothing pulls a skipped token
-back but the router's generalisation, so with a compute penalty watch
-"duo/frac_skip".
+(capacity < 1) runs on its slotted tokens only. Learning only from the options
+tokens took (as in switch-style MoE) makes SKIP absorbing: a skipped token's
+loss no longer depends on its router, so only the compute penalty acts on it
+and the routers drift to SKIP. So, with `probe_spare_slots` (default), the
+slots an option's choosers leave unused (they are computed anyway) go to the
+tokens that did not choose it with the highest router probability for it
+(`adaptive.routing.fill_spare_slots`); they join with forward weight 0, so the
+forward is unchanged and their gradient goes only through the router's p_o
+(∂L/∂p_o = ⟨∂L/∂y, ffn_o(n)⟩, as at capacity 1), at no extra compute.
 
 Decoding: `forward_cached` (and so `models.decoding.generate`) routes every
 new token with the routers' own argmax, the same rule as training.
@@ -70,12 +75,16 @@ class Config(transformer.Config):
     small_capacity: slots of the small MLP per row, as a fraction of the row's
       tokens (round(capacity·S), at least 1); in (0, 1].
     big_capacity: the same for the big MLP.
+    probe_spare_slots: with learned routers, a dispatched option's unused slots
+      carry other tokens at forward weight 0 so the router gets the gradient
+      of options they did not take (see the module docstring).
   """
 
   small_mlp_dim: int = 192
   compute_penalty: float = 0.0
   small_capacity: float = 1.0
   big_capacity: float = 1.0
+  probe_spare_slots: bool = True
 
   def validate(self) -> None:
     super().validate()
@@ -91,6 +100,9 @@ class Config(transformer.Config):
       if (isinstance(value, bool) or not isinstance(value, (int, float))
           or not 0 < value <= 1):
         raise ValueError(f"model.{name}={value!r}: must be a number in (0, 1]")
+    if not isinstance(self.probe_spare_slots, bool):
+      raise ValueError(f"model.probe_spare_slots={self.probe_spare_slots!r}: must be True or "
+                       "False")
 
   @property
   def option_costs(self) -> tuple[float, float, float]:
@@ -117,7 +129,7 @@ def option_slots(config: Config, seq_len: int) -> dict[int, int]:
 
 
 def routed_ffn(n_BSD, router_DO, small, big, slots_O: dict[int, int], *, choice_BS=None,
-               weights_BSO=None):
+               weights_BSO=None, probe_spare_slots=False):
   """One layer's routed FFN on its normed input n [B, S, D].
 
   The choice is the router's argmax (straight-through weights), or
@@ -126,6 +138,9 @@ def routed_ffn(n_BSD, router_DO, small, big, slots_O: dict[int, int], *, choice_
   Otherwise an option with fewer slots than tokens runs only on its
   `slots_O[option]` first-come tokens per row (later ones are dropped to SKIP),
   and an option with a slot for every token (capacity 1) runs on all of them.
+  `probe_spare_slots` (router's own choice only) fills an option's unused
+  slots with the tokens that did not choose it, highest probability first, at
+  forward weight 0 (their straight-through weight).
 
   Returns (ffn_BSD float32, router probabilities p_BSO, choice_BS, executed_BS).
   """
@@ -138,6 +153,7 @@ def routed_ffn(n_BSD, router_DO, small, big, slots_O: dict[int, int], *, choice_
     choice_BS = jnp.argmax(w_BSO, -1).astype(jnp.int32)
   elif choice_BS is not None:
     w_BSO = jax.nn.one_hot(choice_BS, 3, dtype=jnp.float32)
+    probe_spare_slots = False  # Fixed weights: a probe has no gradient to give.
   else:
     choice_BS = jnp.argmax(p_BSO, -1).astype(jnp.int32)
     onehot_BSO = jax.nn.one_hot(choice_BS, 3, dtype=jnp.float32)
@@ -153,6 +169,8 @@ def routed_ffn(n_BSD, router_DO, small, big, slots_O: dict[int, int], *, choice_
       continue
     wants_BS = choice_BS == option
     slots = routing.first_come_slots(wants_BS, slots_O[option])
+    if probe_spare_slots:
+      slots = routing.fill_spare_slots(slots, p_BSO[..., option], ~wants_BS)
     ffn_BSD += routing.dispatch_combine(mlp, n_BSD, slots, w_BSO[..., option])
     executed_BS = jnp.where(wants_BS & ~slots.kept_BS, SKIP, executed_BS)
   return ffn_BSD, p_BSO, choice_BS, executed_BS
@@ -194,7 +212,8 @@ class DuoTransformer(transformer.Transformer):
       h_BSD = x_BSD + a_BSD
       n_BSD = block.mlp_norm(h_BSD)
       ffn_BSD, p_BSO, choice_BS, executed_BS = routed_ffn(
-          n_BSD, router_DO, small, block.mlp, slots_O, choice_BS=choice_BS, weights_BSO=w_BSO)
+          n_BSD, router_DO, small, block.mlp, slots_O, choice_BS=choice_BS, weights_BSO=w_BSO,
+          probe_spare_slots=c.probe_spare_slots)
       stats = {"counts_LO": jnp.mean(jax.nn.one_hot(executed_BS, 3), axis=(0, 1)),
                "expected_cost_L": jnp.mean(p_BSO @ costs_O),
                "routing_LBS": executed_BS,

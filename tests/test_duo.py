@@ -69,13 +69,15 @@ def test_learned_router_straight_through_and_compute_penalty():
   np.testing.assert_allclose(learned, expected, atol=1e-5, rtol=1e-5)
 
 
-def _replay(m, tokens, slots=None):
+def _replay(m, tokens, slots=None, probe=False):
   """Reference Duo forward: routers' argmax, every MLP on every token, masked by the choice.
 
   With `slots` = (small, big) per row, a token is dropped to SKIP when it is
   past the first `slots` tokens of its row that chose the option. Weights are
   straight-through, onehot + p − stop_gradient(p): on every token for an
-  option without slots given (capacity 1), on its slotted tokens otherwise.
+  option without slots given (capacity 1), on its slotted tokens otherwise;
+  with `probe`, the slots left spare go to the tokens that did not choose the
+  option with the highest p of it (their weight is 0 + p − stop_gradient(p)).
   Returns (logits, executed choices [L, B, S]).
   """
   b, s = tokens.shape
@@ -95,25 +97,40 @@ def _replay(m, tokens, slots=None):
       if slots is not None:
         wants = choice == option
         dropped = wants & (jnp.cumsum(wants, axis=1) > slots[option - 1])
-        w = w.at[..., option].multiply(jnp.where(wants & ~dropped, 1.0, 0.0))
+        slotted = wants & ~dropped
+        if probe:
+          spare = slots[option - 1] - jnp.sum(slotted, axis=1, keepdims=True)
+          score = jnp.where(wants, -jnp.inf, jax.lax.stop_gradient(p[..., option]))
+          rank = jnp.argsort(jnp.argsort(-score, axis=1, stable=True), axis=1)
+          slotted = slotted | (~wants & (rank < spare))
+        w = w.at[..., option].multiply(jnp.where(slotted, 1.0, 0.0))
         choice = jnp.where(dropped, duo.SKIP, choice)
     executed.append(choice)
     x = h + w[..., 2:] * blk.mlp(n) + w[..., 1:2] * small(n)
   return m.logits_from_hidden(x), np.stack(executed)
 
 
-@pytest.mark.parametrize("capacity,slots", [(1.0, None), (0.25, (4, 4))])
-def test_router_gradient_matches_straight_through_reference(capacity, slots):
-  """Capacity 1: every option's gradient reaches the router; dispatched: only the slotted ones."""
+@pytest.mark.parametrize("capacity,slots,probe", [(1.0, None, False), (0.25, (4, 4), False),
+                                                  (0.25, (4, 4), True)])
+def test_router_gradient_matches_straight_through_reference(capacity, slots, probe):
+  """Capacity 1: every option's gradient reaches the router; dispatched: the slotted ones,
+  and with probing also the tokens in the spare slots."""
   tokens = jax.random.randint(jax.random.key(7), (2, 16), 0, 64)
-  model = _model(7, small_capacity=capacity, big_capacity=capacity)
+  model = _model(7, small_capacity=capacity, big_capacity=capacity, probe_spare_slots=probe)
   graphdef, state = nnx.split(model)
   loss = lambda logits: jnp.mean(jax.nn.logsumexp(logits, -1))  # noqa
   got = jax.grad(lambda st: loss(nnx.merge(graphdef, st)(tokens)[0]))(state)
-  want = jax.grad(lambda st: loss(_replay(nnx.merge(graphdef, st), tokens, slots)[0]))(state)
+  want = jax.grad(lambda st: loss(_replay(nnx.merge(graphdef, st), tokens, slots, probe)[0]))(
+      state)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5)
   assert np.abs(np.asarray(got["ffn_router"][...])).max() > 0
+  if probe:  # The probes give the router gradient, and never change the forward.
+    unprobed = jax.grad(lambda st: loss(_replay(nnx.merge(graphdef, st), tokens, slots)[0]))(
+        state)
+    assert np.abs(np.asarray(got["ffn_router"][...] - unprobed["ffn_router"][...])).max() > 1e-4
+    np.testing.assert_allclose(nnx.merge(graphdef, state)(tokens)[0],
+                               _replay(model, tokens, slots)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_capacity_dispatch_runs_first_come_tokens_and_drops_the_rest():
@@ -234,6 +251,8 @@ def test_greedy_oracle_routing_meets_budget():
 def test_validation_and_registry():
   with pytest.raises(ValueError, match="model.small_mlp_dim"):
     duo.Config(**TINY, small_mlp_dim=64)
+  with pytest.raises(ValueError, match="model.probe_spare_slots='yes'"):
+    duo.Config(**TINY, small_mlp_dim=16, probe_spare_slots="yes")
   config = registry.make_config("duo", dict(TINY, small_mlp_dim=8))
   assert isinstance(registry.build("duo", config, rngs=nnx.Rngs(0)), duo.DuoTransformer)
 

@@ -73,6 +73,26 @@ def test_first_come_slots_and_dispatch_match_numpy(b, s, data):
     np.testing.assert_allclose(out[row], want, atol=1e-6)
 
 
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 12), st.data())
+def test_fill_spare_slots_takes_the_best_eligible_tokens(b, s, data):
+  slots = data.draw(st.integers(1, s))
+  rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+  wants = rng.random((b, s)) < data.draw(st.sampled_from([0.0, 0.3, 1.0]))
+  eligible = ~wants & (rng.random((b, s)) < data.draw(st.sampled_from([0.5, 1.0])))
+  score = rng.permutation(b * s).reshape(b, s).astype(np.float32)  # No ties.
+  kept = routing.first_come_slots(jnp.asarray(wants), slots)
+  got = routing.fill_spare_slots(kept, jnp.asarray(score), jnp.asarray(eligible))
+  np.testing.assert_array_equal(got.kept_BS, kept.kept_BS)
+  for row in range(b):
+    first = np.flatnonzero(wants[row])[:slots]
+    spare = slots - first.size
+    best = [i for i in np.argsort(-score[row]) if eligible[row, i]][:spare]
+    n = first.size + len(best)
+    np.testing.assert_array_equal(got.valid_BC[row], np.arange(slots) < n)
+    np.testing.assert_array_equal(got.indices_BC[row][:n], np.concatenate([first, best]))
+
+
 def test_dispatch_gradient_reaches_only_slotted_tokens():
   x = jax.random.normal(jax.random.key(0), (1, 5, 2))
   w = jnp.asarray([[1.0, 2.0, 3.0, 4.0, 5.0]])
