@@ -143,16 +143,13 @@ def routing_quality(model: mod.MoDTransformer, batches) -> dict:
       if i not in routed:
         x_BSD, _ = block(x_BSD, positions_BS, segment_ids_BS)
         continue
-      j = routed[i]
-      r_BS = m.router_logits(j, x_BSD)
+      rp = m.routed_params(routed[i])
+      r_BS = m.router_logits(rp, x_BSD)
       k = routing.capacity_k(c.capacity, x_BSD.shape[1])
       sel_BS = routing.expert_choice(r_BS, k, positions_BS, segment_ids_BS).mask_BS
-      pred_BS = routing.threshold_route(routing.predictor_logits(m.predictor_params(j), x_BSD))
+      pred_BS = routing.threshold_route(routing.predictor_logits(rp["predictor"], x_BSD))
       out.append((sel_BS, pred_BS, routing.threshold_route(r_BS)))
-      stats = {n: [] for n in ("router_bce", "predictor_bce", "routed_fraction",
-                               "router_weight_selected", "router_accuracy",
-                               "predictor_accuracy")}
-      x_BSD = m._routed_topk(block, j, x_BSD, positions_BS, segment_ids_BS, stats)
+      x_BSD, _ = m._routed_topk(block, rp, x_BSD, positions_BS, segment_ids_BS)
     return out
 
   models = {"predictor": model}

@@ -64,15 +64,13 @@ def breakdown(mod_config, batch: int, seq: int) -> dict:
     return m._block(1)(x, pos_BS, None)[0]
 
   def routed_block(m, x):
-    stats = {n: [] for n in ("router_bce", "predictor_bce", "routed_fraction",
-                             "router_weight_selected", "router_accuracy", "predictor_accuracy")}
-    return m._routed_topk(m._block(1), 0, x, pos_BS, None, stats)
+    return m._routed_topk(m._block(1), m.routed_params(0), x, pos_BS, None)[0]
 
   def block_on_k(m, x):
     return mod._residual_f(m._block(1), x[:, :k], pos_BS[:, :k], None)
 
   def route_only(m, x):  # router + top-k + gather + scatter with f = identity
-    r_BS = m.router_logits(0, x)
+    r_BS = m.router_logits(m.routed_params(0), x)
     sel = routing.expert_choice(r_BS, k, pos_BS)
     x_BKD = routing.gather_tokens(x, sel.indices_BK)
     g_BK = routing.gather_tokens(r_BS, sel.indices_BK)
@@ -81,8 +79,9 @@ def breakdown(mod_config, batch: int, seq: int) -> dict:
 
   def predictor(m, x):
     sel = jnp.zeros(x.shape[:2], bool).at[:, :k].set(True)
-    logits = routing.predictor_logits(m.predictor_params(0), x)
-    return routing.bce_with_logits(logits, sel) + routing.router_bce_loss(m.router_logits(0, x),
+    rp = m.routed_params(0)
+    logits = routing.predictor_logits(rp["predictor"], x)
+    return routing.bce_with_logits(logits, sel) + routing.router_bce_loss(m.router_logits(rp, x),
                                                                           sel)
 
   out = {name: step_compare.median_seconds(step_compare.jitted_fwd_bwd(graphdef, f), state,

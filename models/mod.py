@@ -31,6 +31,11 @@ it: an unrouted token writes nothing, and a per-layer, per-slot validity array
 runs the same per-token decisions teacher-forced (masked-dense), which decoding
 reproduces exactly.
 
+Layers run in groups of `routed_every` consecutive blocks (the repeating
+dense/routed pattern) through `transformer.run_stacked`, so `scan_layers=True`
+scans over the groups and remat checkpoints a group at a time; the
+num_layers % routed_every last blocks, if any, run after them as one group.
+
 aux["losses"]: "mod/router_bce", "mod/predictor_bce" (already weighted).
 aux["metrics"]: "mod/routed_fraction" (realised fraction of tokens through the
 routed blocks), "mod/router_weight_selected" (mean g(r) of routed tokens),
@@ -97,9 +102,6 @@ class Config(transformer.Config):
     if not self.routed_layers:
       raise ValueError(f"model.routed_offset={self.routed_offset!r}: no routed block among "
                        f"model.num_layers={self.num_layers}")
-    if self.scan_layers:
-      raise ValueError("model.scan_layers=True is not supported by the 'mod' model yet; "
-                       "allowed: False")
     if self.router_activation not in ROUTER_ACTIVATIONS:
       raise ValueError(f"model.router_activation={self.router_activation!r}; "
                        f"allowed: {ROUTER_ACTIVATIONS}")
@@ -165,12 +167,20 @@ class MoDTransformer(transformer.Transformer):
     self.predictor_w2 = param(rngs, normal(h ** -0.5), (r, h), jnp.float32, ("layers", None))
     self.predictor_b2 = param(rngs, nnx.initializers.zeros, (r,), jnp.float32, ("layers",))
 
-  # -- routing pieces --
+  # -- routing pieces (rp: one routed block's parameters, from `routed_params`) --
 
-  def router_logits(self, j: int, x_BSD: jax.Array) -> jax.Array:
-    """r = wᵀx of routed block j (j-th routed block), float32 [B, S]."""
+  def routed_params(self, j: int | None = None) -> dict:
+    """Router and predictor parameters of routed block j, or all of them stacked [R, ...]."""
+    rp = {"router_D": self.router[...],
+          "predictor": {"w1_DH": self.predictor_w1[...], "b1_H": self.predictor_b1[...],
+                        "w2_H": self.predictor_w2[...], "b2": self.predictor_b2[...]}}
+    return rp if j is None else jax.tree.map(lambda a: a[j], rp)
+
+  @staticmethod
+  def router_logits(rp: dict, x_BSD: jax.Array) -> jax.Array:
+    """r = wᵀx of a routed block, float32 [B, S]."""
     return jnp.einsum("bsd,d->bs", x_BSD.astype(jnp.float32),
-                      self.router[...][j].astype(jnp.float32))
+                      rp["router_D"].astype(jnp.float32))
 
   def router_weight(self, r_BS: jax.Array) -> jax.Array:
     kind = self.config.router_activation
@@ -180,16 +190,12 @@ class MoDTransformer(transformer.Transformer):
       return jax.nn.sigmoid(r_BS)
     return jnp.ones_like(r_BS)
 
-  def predictor_params(self, j: int) -> dict:
-    return {"w1_DH": self.predictor_w1[...][j], "b1_H": self.predictor_b1[...][j],
-            "w2_H": self.predictor_w2[...][j], "b2": self.predictor_b2[...][j]}
-
-  def decide(self, j: int, x_BSD: jax.Array) -> jax.Array:
-    """Per-token decode-time decision of routed block j, bool [B, S]."""
+  def decide(self, rp: dict, x_BSD: jax.Array) -> jax.Array:
+    """Per-token decode-time decision of a routed block, bool [B, S]."""
     if self.config.decode_router == "predictor":
-      logits_BS = routing.predictor_logits(self.predictor_params(j), x_BSD)
+      logits_BS = routing.predictor_logits(rp["predictor"], x_BSD)
     else:
-      logits_BS = self.router_logits(j, x_BSD)
+      logits_BS = self.router_logits(rp, x_BSD)
     return routing.threshold_route(logits_BS)
 
   # -- layers --
@@ -198,66 +204,142 @@ class MoDTransformer(transformer.Transformer):
     graphdef, state = nnx.split(self.layers)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
-  def _routed_topk(self, block, j, x_BSD, positions_BS, segment_ids_BS, stats):
+  def _routed_topk(self, block, rp, x_BSD, positions_BS, segment_ids_BS):
+    """Training: the block on the top-k tokens only; returns (x_BSD, stats of scalars)."""
     s = x_BSD.shape[1]
     k = routing.capacity_k(self.config.capacity, s)
-    r_BS = self.router_logits(j, x_BSD)
+    r_BS = self.router_logits(rp, x_BSD)
     sel = routing.expert_choice(r_BS, k, positions_BS, segment_ids_BS)
     x_BKD = routing.gather_tokens(x_BSD, sel.indices_BK)
     g_BK = self.router_weight(routing.gather_tokens(r_BS, sel.indices_BK))
     f_BKD = _residual_f(block, x_BKD, sel.positions_BK, sel.segment_ids_BK)
     new_BKD = x_BKD + (g_BK[..., None] * f_BKD.astype(jnp.float32)).astype(x_BSD.dtype)
-    pred_logits_BS = routing.predictor_logits(self.predictor_params(j), x_BSD)
-    stats["router_bce"].append(routing.router_bce_loss(r_BS, sel.mask_BS))
-    stats["predictor_bce"].append(routing.bce_with_logits(pred_logits_BS, sel.mask_BS))
-    stats["routed_fraction"].append(jnp.float32(k / s))
-    stats["router_weight_selected"].append(jnp.mean(g_BK))
-    stats["router_accuracy"].append(routing.routing_accuracy(r_BS, sel.mask_BS))
-    stats["predictor_accuracy"].append(routing.routing_accuracy(pred_logits_BS, sel.mask_BS))
-    return routing.scatter_tokens(x_BSD, new_BKD, sel.indices_BK)
+    pred_logits_BS = routing.predictor_logits(rp["predictor"], x_BSD)
+    stats = {"router_bce": routing.router_bce_loss(r_BS, sel.mask_BS),
+             "predictor_bce": routing.bce_with_logits(pred_logits_BS, sel.mask_BS),
+             "routed_fraction": jnp.float32(k / s),
+             "router_weight_selected": jnp.mean(g_BK),
+             "router_accuracy": routing.routing_accuracy(r_BS, sel.mask_BS),
+             "predictor_accuracy": routing.routing_accuracy(pred_logits_BS, sel.mask_BS)}
+    return routing.scatter_tokens(x_BSD, new_BKD, sel.indices_BK), stats
 
-  def _routed_threshold(self, block, j, x_BSD, positions_BS, segment_ids_BS, stats):
+  def _routed_threshold(self, block, rp, x_BSD, positions_BS, segment_ids_BS):
     """Masked-dense: each token routed by the decode rule; unrouted keys hidden."""
-    route_BS = self.decide(j, x_BSD)
+    route_BS = self.decide(rp, x_BSD)
     seg_BS = (jnp.zeros(x_BSD.shape[:2], jnp.int32) if segment_ids_BS is None
               else segment_ids_BS.astype(jnp.int32))
     kv_seg_BS = jnp.where(route_BS, seg_BS, -1)
     f_BSD = _residual_f(block, x_BSD, positions_BS, seg_BS, kv_seg_BS)
-    g_BS = self.router_weight(self.router_logits(j, x_BSD))
+    g_BS = self.router_weight(self.router_logits(rp, x_BSD))
     update_BSD = jnp.where(route_BS[..., None], g_BS[..., None] * f_BSD.astype(jnp.float32), 0)
-    stats["routed_fraction"].append(jnp.mean(route_BS.astype(jnp.float32)))
-    return x_BSD + update_BSD.astype(x_BSD.dtype)
+    stats = {"routed_fraction": jnp.mean(route_BS.astype(jnp.float32))}
+    return x_BSD + update_BSD.astype(x_BSD.dtype), stats
+
+  def _cached_layer(self, block, rp, x_BSD, positions_BS, layer_cache):
+    """One block over its cache slice (k_BTKD, v_BTKD, valid_BT); routed iff rp is given."""
+    k_BTKD, v_BTKD, valid_BT = layer_cache
+    b, t = valid_BT.shape
+    if rp is not None:
+      route_BS = self.decide(rp, x_BSD)
+      g_BS = self.router_weight(self.router_logits(rp, x_BSD))
+    else:
+      route_BS = jnp.ones(positions_BS.shape, bool)
+    # Unrouted tokens write nothing: their slot index is pushed out of range (dropped).
+    write_pos_BS = jnp.where(route_BS, positions_BS, t)
+    rows_BS = jnp.broadcast_to(jnp.arange(b)[:, None], positions_BS.shape)
+    valid_BT = valid_BT.at[rows_BS, write_pos_BS].set(True, mode="drop")
+    q_BSHD, k_BSKD, v_BSKD = block.attn.project_qkv(block.attn_norm(x_BSD), positions_BS)
+    k_BTKD = kv_cache_lib.write(k_BTKD, k_BSKD, write_pos_BS)
+    v_BTKD = kv_cache_lib.write(v_BTKD, v_BSKD, write_pos_BS)
+    out_BSHD = transformer.attend(
+        self.config, q_BSHD, k_BTKD.astype(q_BSHD.dtype), v_BTKD.astype(q_BSHD.dtype),
+        positions=positions_BS,
+        kv_positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+        segment_ids=jnp.ones(positions_BS.shape, jnp.int32),
+        kv_segment_ids=valid_BT.astype(jnp.int32))
+    a_BSD = block.attn.o_proj(out_BSHD)
+    if rp is not None:
+      f_BSD = a_BSD + block.mlp(block.mlp_norm(x_BSD + a_BSD))
+      update = jnp.where(route_BS[..., None], g_BS[..., None] * f_BSD.astype(jnp.float32), 0)
+      x_BSD = x_BSD + update.astype(x_BSD.dtype)
+    else:  # Same arithmetic as transformer.Block.
+      x_BSD = x_BSD + a_BSD
+      x_BSD = x_BSD + block.mlp(block.mlp_norm(x_BSD))
+    return x_BSD, (k_BTKD, v_BTKD, valid_BT)
+
+  def _run_layers(self, layer_fn, x_BSD, cache):
+    """Every block, in groups of `routed_every` (the repeating dense/routed pattern).
+
+    `layer_fn(block, rp or None, x_BSD, layer_cache or None) -> (x_BSD,
+    layer_cache, stats)`, rp given at routed blocks. The full groups run
+    through `transformer.run_stacked` (so `scan_layers` scans over them), then
+    the num_layers % routed_every last blocks, if any. Returns (x_BSD, cache,
+    stats of the routed blocks stacked [R]).
+    """
+    c = self.config
+    per = c.routed_every
+    full, tail = divmod(c.num_layers, per)
+    block_def, block_state = nnx.split(self.layers)
+    rps = self.routed_params()
+
+    def group(size):
+      def body(carry, xs_g):
+        x_BSD, group_cache = carry
+        states, rp = xs_g
+        stats = {}
+        for q in range(size):
+          block = nnx.merge(block_def, jax.tree.map(lambda a, q=q: a[q], states))
+          layer_cache = None if group_cache is None else tuple(a[q] for a in group_cache)
+          x_BSD, layer_cache, layer_stats = layer_fn(
+              block, rp if q == c.routed_offset else None, x_BSD, layer_cache)
+          stats.update(layer_stats)
+          if group_cache is not None:
+            group_cache = tuple(a.at[q].set(u) for a, u in zip(group_cache, layer_cache))
+        return (x_BSD, group_cache), stats
+      return body
+
+    def part(lo, hi):  # Layers [lo, hi) of a pytree with a leading layers axis.
+      return None if cache is None else jax.tree.map(lambda a: a[lo:hi], cache)
+
+    stats, caches = [], []
+    if full:
+      states = jax.tree.map(lambda a: a[:full * per].reshape((full, per) + a.shape[1:]),
+                            block_state)
+      x_BSD, group_cache, ys = transformer.run_stacked(
+          c, group(per), x_BSD, cache if not tail else part(0, full * per),
+          (states, jax.tree.map(lambda a: a[:full], rps)), layers_per_step=per)
+      stats.append(ys)
+      caches.append(group_cache)
+    if tail:
+      has_routed = c.routed_offset < tail
+      states = jax.tree.map(lambda a: a[full * per:][None], block_state)
+      rp = jax.tree.map(lambda a: a[full:full + 1], rps) if has_routed else None
+      x_BSD, tail_cache, ys = transformer.run_stacked(
+          c, group(tail), x_BSD, part(full * per, c.num_layers), (states, rp),
+          layers_per_step=tail)
+      if has_routed:
+        stats.append(ys)
+      caches.append(tail_cache)
+    if cache is not None and len(caches) > 1:
+      cache = jax.tree.map(lambda *parts: jnp.concatenate(parts), *caches)
+    elif cache is not None:
+      cache = caches[0]
+    return x_BSD, cache, jax.tree.map(lambda *a: jnp.concatenate(a), *stats)
 
   def _run(self, x_BSD, positions_BS, segment_ids_BS, mode):
     c = self.config
-    routed = {l: j for j, l in enumerate(c.routed_layers)}
-    stats = {name: [] for name in ("router_bce", "predictor_bce", "routed_fraction",
-                                   "router_weight_selected", "router_accuracy",
-                                   "predictor_accuracy")}
-    for i in range(c.num_layers):
+    routed_fn = self._routed_topk if mode == "topk" else self._routed_threshold
 
-      def layer(model, x_BSD, i=i):
-        block, local = model._block(i), {name: [] for name in stats}
-        if i not in routed:
-          x_BSD, _ = block(x_BSD, positions_BS, segment_ids_BS)
-        elif mode == "topk":
-          x_BSD = model._routed_topk(block, routed[i], x_BSD, positions_BS, segment_ids_BS,
-                                     local)
-        else:
-          x_BSD = model._routed_threshold(block, routed[i], x_BSD, positions_BS,
-                                          segment_ids_BS, local)
-        return x_BSD, local
+    def layer_fn(block, rp, x_BSD, _):
+      if rp is None:
+        return block(x_BSD, positions_BS, segment_ids_BS)[0], None, {}
+      x_BSD, stats = routed_fn(block, rp, x_BSD, positions_BS, segment_ids_BS)
+      return x_BSD, None, stats
 
-      x_BSD, local = transformer.remat_layer(self, layer)(x_BSD)
-      for name, values in local.items():
-        stats[name].extend(values)
-    mean = lambda v: jnp.mean(jnp.stack(v))  # noqa: E731
-    metrics = {f"mod/{k}": mean(v) for k, v in stats.items()
-               if v and k not in ("router_bce", "predictor_bce")}
+    x_BSD, _, stats = self._run_layers(layer_fn, x_BSD, None)
+    metrics = {f"mod/{k}": jnp.mean(v) for k, v in stats.items()}
     losses = {}
-    if stats["router_bce"]:
-      metrics["mod/router_bce"] = mean(stats["router_bce"])
-      metrics["mod/predictor_bce"] = mean(stats["predictor_bce"])
+    if "mod/router_bce" in metrics:
       if c.router_loss_weight:
         losses["mod/router_bce"] = c.router_loss_weight * metrics["mod/router_bce"]
       if c.predictor_loss_weight:
@@ -294,43 +376,13 @@ class MoDTransformer(transformer.Transformer):
     if cache is None:
       x_BSD, _ = self._run(x_BSD, positions_BS, segment_ids_BS, "topk")
       return x_BSD, None
-    c = self.config
-    routed = {l: j for j, l in enumerate(c.routed_layers)}
-    b, t = x_BSD.shape[0], cache.capacity
-    rows_BS = jnp.broadcast_to(jnp.arange(b)[:, None], positions_BS.shape)
-    kv_positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    ones_BS = jnp.ones(positions_BS.shape, jnp.int32)
-    k_all, v_all, valid_all = cache.k_LBTKD, cache.v_LBTKD, cache.valid_LBT
-    for i in range(c.num_layers):
-      block = self._block(i)
-      if i in routed:
-        j = routed[i]
-        route_BS = self.decide(j, x_BSD)
-        g_BS = self.router_weight(self.router_logits(j, x_BSD))
-      else:
-        route_BS = jnp.ones(positions_BS.shape, bool)
-      # Unrouted tokens write nothing: their slot index is pushed out of range (dropped).
-      write_pos_BS = jnp.where(route_BS, positions_BS, t)
-      valid_BT = valid_all[i].at[rows_BS, write_pos_BS].set(True, mode="drop")
-      q_BSHD, k_BSKD, v_BSKD = block.attn.project_qkv(block.attn_norm(x_BSD), positions_BS)
-      k_BTKD = kv_cache_lib.write(k_all[i], k_BSKD, write_pos_BS)
-      v_BTKD = kv_cache_lib.write(v_all[i], v_BSKD, write_pos_BS)
-      out_BSHD = transformer.attend(
-          c, q_BSHD, k_BTKD.astype(q_BSHD.dtype), v_BTKD.astype(q_BSHD.dtype),
-          positions=positions_BS, kv_positions=kv_positions_BT, segment_ids=ones_BS,
-          kv_segment_ids=valid_BT.astype(jnp.int32))
-      a_BSD = block.attn.o_proj(out_BSHD)
-      if i in routed:
-        f_BSD = a_BSD + block.mlp(block.mlp_norm(x_BSD + a_BSD))
-        update = jnp.where(route_BS[..., None], g_BS[..., None] * f_BSD.astype(jnp.float32), 0)
-        x_BSD = x_BSD + update.astype(x_BSD.dtype)
-      else:  # Same arithmetic as transformer.Block.
-        x_BSD = x_BSD + a_BSD
-        x_BSD = x_BSD + block.mlp(block.mlp_norm(x_BSD))
-      k_all = k_all.at[i].set(k_BTKD)
-      v_all = v_all.at[i].set(v_BTKD)
-      valid_all = valid_all.at[i].set(valid_BT)
-    return x_BSD, MoDCache(k_all, v_all, valid_all)
+
+    def layer_fn(block, rp, x_BSD, layer_cache):
+      x_BSD, layer_cache = self._cached_layer(block, rp, x_BSD, positions_BS, layer_cache)
+      return x_BSD, layer_cache, {}
+
+    x_BSD, cache, _ = self._run_layers(layer_fn, x_BSD, cache)
+    return x_BSD, cache
 
   def forward_cached(self, tokens_BS, positions_BS, cache: MoDCache):
     """Prefill or decode step over a MoDCache; returns (logits_BSV, new cache)."""

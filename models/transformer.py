@@ -258,73 +258,70 @@ def stacked_blocks(config: Config, num: int, rngs: nnx.Rngs, block_cls=Block) ->
   return blocks
 
 
-def remat_layer(model: nnx.Module, layer_fn):
-  """`x -> layer_fn(model, x)`, under jax.checkpoint with the config's remat policy.
-
-  With remat "none" the call is direct. Otherwise the model's state goes in as
-  an explicit argument (split outside, merged inside the checkpoint), so the
-  backward pass recomputes the layer from its input and the saved residuals
-  the policy (`REMAT_POLICIES`) allows. Used by the adaptive variants, whose
-  layers run as a Python loop.
-  """
-  c = model.config
-  if c.remat == "none":
-    return lambda x: layer_fn(model, x)
-  graphdef, state = nnx.split(model)
-  checkpointed = jax.checkpoint(lambda st, x: layer_fn(nnx.merge(graphdef, st), x),
-                                policy=REMAT_POLICIES[c.remat], prevent_cse=True)
-  return lambda x: checkpointed(state, x)
-
-
-def run_stacked(config: Config, body, x_BSD, cache: kv_cache_lib.KVCache | None, xs):
+def run_stacked(config: Config, body, x_BSD, cache, xs, *, layers_per_step: int | None = None):
   """Runs `body` once per layer, as a `lax.scan` or an unrolled loop (`config.scan_layers`).
 
   `body((x_BSD, layer_kv), xs_l) -> ((x_BSD, layer_kv), ys_l)`: `xs_l` is
-  layer l's slice of `xs` (a pytree of arrays with a leading layers axis, e.g.
-  the stacked block state), `layer_kv` the layer's (k_BTKD, v_BTKD) cache or
-  None. The body runs under jax.checkpoint with the config's remat policy.
-  Returns (x_BSD, updated cache or None, ys stacked along a leading layers
-  axis). Shared by the dense model and the adaptive variants, so that all of
-  them scan, remat and update the cache the same way.
+  step l's slice of `xs` (a pytree of arrays with a leading steps axis, e.g.
+  the stacked block state), `layer_kv` the step's slice of the cache or None.
+  The cache is None or a pytree dataclass of arrays with a leading layers axis
+  (`KVCache`, or a variant's own, e.g. with a validity array); `layer_kv` is
+  the tuple of its leaves' slices, e.g. (k_BTKD, v_BTKD) for a KVCache.
+
+  A step is one layer by default. With `layers_per_step` = G it is a group of
+  G consecutive layers (a repeating pattern, e.g. a dense and a routed block)
+  and the cache slices keep that axis: leaves [G, ...].
+
+  The body runs under jax.checkpoint with the config's remat policy. Returns
+  (x_BSD, updated cache or None, ys stacked along a leading steps axis).
+  Shared by the dense model and the adaptive variants, so that all of them
+  scan, remat and update the cache the same way.
   """
   c = config
+  num_steps = jax.tree.leaves(xs)[0].shape[0]
+  g = layers_per_step
+  to_steps = lambda a: a if g is None else a.reshape((num_steps, g) + a.shape[1:])  # noqa
+  to_layers = lambda a: a if g is None else a.reshape((num_steps * g,) + a.shape[2:])  # noqa
 
-  def indexed_body(carry, layer):
-    x, cache_k, cache_v = carry
-    xs_l, index = layer
-    layer_kv = None if cache_k is None else (cache_k[index], cache_v[index])
+  def indexed_body(carry, step):
+    x, leaves = carry
+    xs_l, index = step
+    layer_kv = None if leaves is None else tuple(a[index] for a in leaves)
     (x, layer_kv), ys_l = body((x, layer_kv), xs_l)
     if layer_kv is not None:
-      cache_k = jax.lax.dynamic_update_index_in_dim(cache_k, layer_kv[0], index, 0)
-      cache_v = jax.lax.dynamic_update_index_in_dim(cache_v, layer_kv[1], index, 0)
-    return (x, cache_k, cache_v), ys_l
+      leaves = tuple(jax.lax.dynamic_update_index_in_dim(a, u, index, 0)
+                     for a, u in zip(leaves, layer_kv))
+    return (x, leaves), ys_l
 
   if c.remat != "none":
     indexed_body = jax.checkpoint(indexed_body, policy=REMAT_POLICIES[c.remat],
                                   prevent_cse=not c.scan_layers)
-  carry = (x_BSD, None, None) if cache is None else (x_BSD, cache.k_LBTKD, cache.v_LBTKD)
+  leaves, treedef = (None, None) if cache is None else jax.tree.flatten(cache)
+  if leaves is not None:
+    leaves = tuple(to_steps(a) for a in leaves)
   if c.scan_layers:
-    carry, ys = jax.lax.scan(indexed_body, carry, (xs, jnp.arange(c.num_layers)))
+    (x_BSD, leaves), ys = jax.lax.scan(indexed_body, (x_BSD, leaves),
+                                       (xs, jnp.arange(num_steps)))
   else:
-    # Each layer gets its own one-layer slice of the cache, and the updated
+    # Each step gets its own one-step slice of the cache, and the updated
     # slices are concatenated once at the end, instead of updating the whole
-    # stacked cache after every layer. Same values; but a caller that holds
+    # stacked cache after every step. Same values; but a caller that holds
     # the layers' caches as separate arrays (models.decoding's loop) and
     # stacks them for this call gets no copy at all: XLA folds slice-of-
     # concatenate, so each layer reads and writes its own buffer in place.
-    x, new_k, new_v, ys_list = x_BSD, [], [], []
-    for i in range(c.num_layers):
-      one_layer = lambda a, i=i: None if a is None else a[i:i + 1]
-      (x, k, v), ys_l = indexed_body((x, one_layer(carry[1]), one_layer(carry[2])),
-                                     (jax.tree.map(lambda a, i=i: a[i], xs), 0))
-      new_k.append(k)
-      new_v.append(v)
+    new_leaves, ys_list = [], []
+    for i in range(num_steps):
+      one_step = None if leaves is None else tuple(a[i:i + 1] for a in leaves)
+      (x_BSD, one_step), ys_l = indexed_body((x_BSD, one_step),
+                                             (jax.tree.map(lambda a, i=i: a[i], xs), 0))
+      new_leaves.append(one_step)
       ys_list.append(ys_l)
     ys = jax.tree.map(lambda *a: jnp.stack(a), *ys_list)
-    carry = (x, None, None) if cache is None else (
-        x, jnp.concatenate(new_k), jnp.concatenate(new_v))
-  x_BSD, cache_k, cache_v = carry
-  return x_BSD, (None if cache is None else kv_cache_lib.KVCache(cache_k, cache_v)), ys
+    if leaves is not None:
+      leaves = tuple(jnp.concatenate(parts) for parts in zip(*new_leaves))
+  if leaves is None:
+    return x_BSD, None, ys
+  return x_BSD, jax.tree.unflatten(treedef, [to_layers(a) for a in leaves]), ys
 
 
 class Transformer(nnx.Module):

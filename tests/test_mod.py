@@ -89,12 +89,14 @@ def _assert_trees_close(a, b, tol):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("capacity,packed,activation,layers", [
-    (0.25, True, "identity", 4), (0.5, True, "sigmoid", 2), (0.125, False, "identity", 2)])
-def test_mod_equals_masked_dense_oracle_outputs_and_grads(capacity, packed, activation, layers):
+@pytest.mark.parametrize("capacity,packed,activation,layers,offset", [
+    (0.25, True, "identity", 4, 1), (0.5, True, "sigmoid", 2, 1),
+    (0.125, False, "identity", 3, 0)])  # 3 layers: a tail group after the (dense, routed) pairs.
+def test_mod_equals_masked_dense_oracle_outputs_and_grads(capacity, packed, activation, layers,
+                                                          offset):
   b, s = 2, 16
   config = mod.Config(**dict(TINY, num_layers=layers), capacity=capacity,
-                      router_activation=activation)
+                      router_activation=activation, routed_offset=offset)
   model = mod.MoDTransformer(config, rngs=nnx.Rngs(1))
   tokens = _tokens(b, s)
   segs = _packed_segments(b, s) if packed else None
@@ -149,11 +151,11 @@ def test_losses_and_metrics_reported_and_predictor_is_stop_gradient():
     assert np.abs(np.asarray(leaf)).max() == 0
 
 
-@pytest.mark.parametrize("decode_router,layers", [("predictor", 4), ("router", 2)])
-def test_decoding_equals_teacher_forced_threshold_routing(decode_router, layers):
+@pytest.mark.parametrize("decode_router,layers,offset", [("predictor", 4, 1), ("router", 3, 0)])
+def test_decoding_equals_teacher_forced_threshold_routing(decode_router, layers, offset):
   b, s, prompt = 2, 10, 4
   config = mod.Config(**dict(TINY, num_layers=layers), capacity=0.25,
-                      decode_router=decode_router)
+                      decode_router=decode_router, routed_offset=offset)
   model = mod.MoDTransformer(config, rngs=nnx.Rngs(5))
   tokens = _tokens(b, s, 3)
   expected, aux = _jit(model, lambda m: m(tokens, routing="threshold"))
@@ -199,9 +201,35 @@ def test_registered():
   assert logits.shape == (1, 8, TINY["vocab_size"]) and "losses" in aux
 
 
-def test_scan_layers_rejected_and_remat_recomputes_same_grads():
-  with pytest.raises(ValueError, match=r"model.scan_layers=True is not supported by the 'mod'"):
-    mod.Config(**TINY, scan_layers=True)
+@pytest.mark.parametrize("layers,every,offset", [(4, 2, 1), (3, 2, 0), (2, 1, 0)])
+def test_scan_layers_equals_unrolled_in_training_and_decoding(layers, every, offset):
+  """lax.scan over (dense, routed) groups, plus a tail group: same as the unrolled loop."""
+  b, s, prompt = 2, 12, 9
+  tokens, segs = _tokens(b, s, 4), _packed_segments(b, s)
+  cot = 0.05 * jax.random.normal(jax.random.key(5), (b, s, TINY["vocab_size"]))
+  results = []
+  for scan in (False, True):
+    config = mod.Config(**dict(TINY, num_layers=layers), capacity=0.25, routed_every=every,
+                        routed_offset=offset, scan_layers=scan)
+    model = mod.MoDTransformer(config, rngs=nnx.Rngs(2))
+    topk = _jit_value_and_grad(model, lambda m: m(tokens, segment_ids_BS=segs), cot)
+    threshold = _jit(model, lambda m: m(tokens, routing="threshold"))
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda st, t, p, c, g=graphdef: nnx.merge(g, st).forward_cached(t, p, c))
+    cache = model.init_cache(b, s)
+    logits, cache = step(state, tokens[:, :prompt], jnp.broadcast_to(jnp.arange(prompt),
+                                                                       (b, prompt)), cache)
+    decoded = [logits]
+    for t in range(prompt, s):
+      logits, cache = step(state, tokens[:, t:t + 1], jnp.full((b, 1), t), cache)
+      decoded.append(logits)
+    results.append((topk, threshold, jnp.concatenate(decoded, 1), cache))
+  _assert_trees_close(results[0], results[1], 1e-5)
+  # The decode equals its teacher-forced rule here too (threshold logits).
+  np.testing.assert_allclose(results[1][2], results[1][1][0], atol=1e-5, rtol=1e-5)
+
+
+def test_remat_recomputes_same_grads():
   tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, TINY["vocab_size"])
   assert_remat_honoured(
       lambda remat: mod.MoDTransformer(mod.Config(**TINY, capacity=0.5, remat=remat),
