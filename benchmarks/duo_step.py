@@ -48,8 +48,9 @@ TARGET_OVERHEAD = 1.15
 def ffn_breakdown(config, batch: int, seq: int) -> dict:
   """Seconds (median, fwd+bwd, jitted) of one layer's FFN: dense MLP vs Duo's routed FFN.
 
-  Isolates what dispatch costs (router, slots, gather, two MLPs on their
-  slots, scatter) from attention, which Duo leaves as it is.
+  Isolates what dispatch costs (router, slots and their spare-slot probes,
+  gather, two MLPs on their slots, scatter) from attention, which Duo leaves
+  as it is.
   """
   model = duo_lib.DuoTransformer(config, rngs=nnx.Rngs(0))
   n_BSD = jax.random.normal(jax.random.key(1), (batch, seq, config.dim), config.compute_dtype)
@@ -65,7 +66,8 @@ def ffn_breakdown(config, batch: int, seq: int) -> dict:
 
   def routed(m, n):
     return duo_lib.routed_ffn(n, m.ffn_router[...][0], layer0(m.small_mlps),
-                              layer0(m.layers).mlp, slots_O)[0]
+                              layer0(m.layers).mlp, slots_O,
+                              probe_spare_slots=config.probe_spare_slots)[0]
 
   dense_s, routed_s = (
       step_compare.median_seconds(step_compare.jitted_fwd_bwd(graphdef, f), state, n_BSD)
