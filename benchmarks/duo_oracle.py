@@ -152,9 +152,7 @@ def main():
                 "loss and oracle cost <= trained cost per batch by construction; being a local "
                 "search, the gap is a lower bound on the exact oracle's."),
   }
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  isoflop.write_result(args.out, result)
   print(json.dumps({"results": summary, "gap": result["gap"]}, indent=2))
 
 

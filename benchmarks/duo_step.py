@@ -127,9 +127,7 @@ def main():
   }
   result["ffn_breakdown_fwd_bwd"] = ffn_breakdown(runners["duo"].run.model_config, args.batch,
                                                   args.seq)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  isoflop.write_result(args.out, result)
   print(json.dumps({k: result[k] for k in ("seconds_per_step_median", "time_ratio_vs_dense",
                                            "flop_ratio_vs_dense", "overhead",
                                            "dispatch_speedup_over_full", "xla_flop_ratio",

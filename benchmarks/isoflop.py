@@ -257,6 +257,13 @@ def environment() -> dict:
                        "python": platform.python_version()}}
 
 
+def write_result(path: str, result: dict) -> None:
+  """Writes a benchmark's result dict as indented JSON, creating the folder."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   add_common_flags(p)
@@ -322,9 +329,7 @@ def main():
           "dense; a meaningful check needs >= 1e18 FLOPs (accelerator, --seq 1024+, models of "
           ">= 50M parameters)."),
   }
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  write_result(args.out, result)
   plot(curves, args.png, f"isoFLOP: dense vs MoD (capacity {args.capacity}), "
        f"{args.layers}L d{args.dim} S{args.seq}")
   print(json.dumps({k: result[k] for k in ("final_eval_loss_at_equal_flops",

@@ -137,9 +137,7 @@ def main():
   if args.breakdown:
     result["breakdown_seconds_fwd_bwd"] = breakdown(mod_cfg, args.batch, args.seq)
     print("breakdown:", json.dumps(result["breakdown_seconds_fwd_bwd"], indent=1), flush=True)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  isoflop.write_result(args.out, result)
   print(json.dumps({k: result[k] for k in ("seconds_per_step_median", "time_ratio",
                                            "flop_ratio", "overhead", "target_met")}, indent=2))
 
