@@ -6,10 +6,10 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
+from cli_env import environment
 
 from train import main
 
@@ -26,23 +26,11 @@ OVERRIDES = [
 ]
 
 
-def environment() -> dict:
-  env = dict(os.environ)
-  env.update({
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-      "JAX_PLATFORMS": "cpu",
-      "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "adaptive-test-jax-cache"),
-      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-  })
-  env.pop("JAX_COORDINATOR_ADDRESS", None)
-  return env
-
-
 def start(workdir, *extra):
   return subprocess.Popen(
       [sys.executable, "-m", "train.main", "--config=configs/lm_dense.py",
        f"--workdir={workdir}", *OVERRIDES, *extra],
-      cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      cwd=ROOT, env=environment(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc, timeout=300):

@@ -5,9 +5,9 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 
 import pytest
+from cli_env import environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = [
@@ -26,18 +26,6 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
-
-
-def environment(devices: int) -> dict:
-  env = dict(os.environ)
-  env.update({
-      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-      "JAX_PLATFORMS": "cpu",
-      "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "adaptive-test-jax-cache"),
-      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-  })
-  env.pop("JAX_COORDINATOR_ADDRESS", None)
-  return env
 
 
 def command(workdir, *extra):
