@@ -1,37 +1,39 @@
 """adaptive: adaptive-compute transformers in JAX/Flax.
 
-    pip install -e ".[test]"        # library + test tools
-    pip install -e ".[test,hf]"     # + torch (CPU) and transformers for parity tests
+Install with
+
+  pip install -e ".[test]"        # library + test tools
+  pip install -e ".[test,hf]"     # + torch (CPU) and transformers for parity tests
 """
 
 from setuptools import setup
 
 setup(
-    name="adaptive",
-    version="0.1.0",
-    description="Adaptive-compute transformers in JAX/Flax: routing, early exit, "
-    "Markovian reasoning, Pallas kernels, sharded training.",
-    python_requires=">=3.11",
-    packages=["adaptive", "adaptive.envs", "models", "kernels", "train", "configs", "benchmarks"],
-    install_requires=[
-        # JAX 0.10.x runs on Python 3.11, 0.11.x on 3.12; both are supported.
-        "jax>=0.10,<0.12",
-        "flax>=0.12.8,<0.14",
-        "optax>=0.2.5",
-        "orbax-checkpoint>=0.11",
-        "grain>=0.2.12",
-        "tensorflow-datasets>=4.9.9",
-        "ml-collections>=1.0",
-        "reasoning-gym>=0.1.23",
-        "math-verify>=0.8",
-        "tensorboardX>=2.6",
-        "tokenizers>=0.21",
-        "safetensors>=0.5",
-        "numpy>=1.26",
-    ],
-    extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100"],
-        # torch is pinned to the CPU build: an unpinned torch pulls GBs of CUDA wheels.
-        "hf": ["torch==2.13.0", "transformers>=4.56,<6"],
-    },
+  name="adaptive",
+  version="0.1.0",
+  description="Adaptive-compute transformers in JAX/Flax: routing, early exit, "
+  "Markovian reasoning, Pallas kernels, sharded training.",
+  python_requires=">=3.11",
+  packages=["adaptive", "adaptive.envs", "models", "kernels", "train", "configs", "benchmarks"],
+  install_requires=[
+    # JAX 0.10.x runs on Python 3.11, 0.11.x on 3.12; both are supported.
+    "jax>=0.10,<0.12",
+    "flax>=0.12.8,<0.14",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11",
+    "grain>=0.2.12",
+    "tensorflow-datasets>=4.9.9",
+    "ml-collections>=1.0",
+    "reasoning-gym>=0.1.23",
+    "math-verify>=0.8",
+    "tensorboardX>=2.6",
+    "tokenizers>=0.21",
+    "safetensors>=0.5",
+    "numpy>=1.26",
+  ],
+  extras_require={
+    "test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100"],
+    # torch is pinned to the CPU build: an unpinned torch pulls GBs of CUDA wheels.
+    "hf": ["torch==2.13.0", "transformers>=4.56,<6"],
+  },
 )

@@ -73,8 +73,9 @@ def lm_head_flops(config: Any, tokens: int) -> float:
 def dense_forward_flops(config: Any, batch: int, seq_len: int) -> float:
   """Forward FLOPs of the dense transformer on a [batch, seq_len] batch."""
   tokens = batch * seq_len
-  per_layer = (2.0 * tokens * (attention_projection_params(config) + mlp_params(config))
-               + attention_score_flops(config, batch, seq_len))
+  per_layer = 2.0 * tokens * (
+    attention_projection_params(config) + mlp_params(config)
+  ) + attention_score_flops(config, batch, seq_len)
   return config.num_layers * per_layer + lm_head_flops(config, tokens)
 
 
@@ -86,8 +87,9 @@ def dense_train_flops(config: Any, batch: int, seq_len: int) -> float:
 def dense_layer_flops(config: Any, batch: int, seq_len: int) -> float:
   """Forward FLOPs of one dense block (projections, MLP, causal attention)."""
   tokens = batch * seq_len
-  return (2.0 * tokens * (attention_projection_params(config) + mlp_params(config))
-          + attention_score_flops(config, batch, seq_len))
+  return 2.0 * tokens * (
+    attention_projection_params(config) + mlp_params(config)
+  ) + attention_score_flops(config, batch, seq_len)
 
 
 def _metric(metrics: dict[str, float] | None, name: str, default: float) -> float:
@@ -105,23 +107,29 @@ def mod_routed_tokens(config: Any, seq_len: int) -> int:
   return routing.capacity_k(config.capacity, seq_len)
 
 
-def mod_forward_flops(config: Any, batch: int, seq_len: int,
-                      metrics: dict[str, float] | None = None) -> float:
+def mod_forward_flops(
+  config: Any, batch: int, seq_len: int, metrics: dict[str, float] | None = None
+) -> float:
   """Forward FLOPs of a Mixture-of-Depths model; k/S from "mod/routed_fraction" if given."""
   tokens = batch * seq_len
   k = _metric(metrics, "mod/routed_fraction", mod_routed_tokens(config, seq_len) / seq_len)
   k = k * seq_len
   routed = _num_routed_layers(config)
-  routed_layer = (2.0 * batch * k * (attention_projection_params(config) + mlp_params(config))
-                  + attention_score_flops(config, batch, k))
+  routed_layer = 2.0 * batch * k * (
+    attention_projection_params(config) + mlp_params(config)
+  ) + attention_score_flops(config, batch, k)
   hidden = getattr(config, "predictor_hidden", 0)
   router_and_predictor = 2.0 * tokens * (config.dim + config.dim * hidden + hidden)
-  return ((config.num_layers - routed) * dense_layer_flops(config, batch, seq_len)
-          + routed * (routed_layer + router_and_predictor) + lm_head_flops(config, tokens))
+  return (
+    (config.num_layers - routed) * dense_layer_flops(config, batch, seq_len)
+    + routed * (routed_layer + router_and_predictor)
+    + lm_head_flops(config, tokens)
+  )
 
 
-def duo_forward_flops(config: Any, batch: int, seq_len: int,
-                      metrics: dict[str, float] | None = None) -> float:
+def duo_forward_flops(
+  config: Any, batch: int, seq_len: int, metrics: dict[str, float] | None = None
+) -> float:
   """Forward FLOPs a Duo model executes: each MLP on its capacity's slots (metrics unused).
 
   The small and big MLPs run on round(capacity·S) slots per row whatever the
@@ -131,12 +139,14 @@ def duo_forward_flops(config: Any, batch: int, seq_len: int,
   del metrics
   small = routing.capacity_k(config.small_capacity, seq_len) / seq_len
   big = routing.capacity_k(config.big_capacity, seq_len) / seq_len
-  return duo_routed_forward_flops(config, batch, seq_len,
-                                  {"duo/frac_small": small, "duo/frac_big": big})
+  return duo_routed_forward_flops(
+    config, batch, seq_len, {"duo/frac_small": small, "duo/frac_big": big}
+  )
 
 
-def duo_routed_forward_flops(config: Any, batch: int, seq_len: int,
-                             metrics: dict[str, float] | None = None) -> float:
+def duo_routed_forward_flops(
+  config: Any, batch: int, seq_len: int, metrics: dict[str, float] | None = None
+) -> float:
   """Forward FLOPs of the options the tokens took ("duo/frac_small", "duo/frac_big").
 
   What a dispatcher with exactly the needed slots would spend; the routing
@@ -145,26 +155,33 @@ def duo_routed_forward_flops(config: Any, batch: int, seq_len: int,
   tokens = batch * seq_len
   frac_small = _metric(metrics, "duo/frac_small", 0.0)
   frac_big = _metric(metrics, "duo/frac_big", 1.0)
-  ffn = 2.0 * tokens * (frac_small * mlp_params(config, config.small_mlp_dim)
-                        + frac_big * mlp_params(config))
+  ffn = (
+    2.0
+    * tokens
+    * (frac_small * mlp_params(config, config.small_mlp_dim) + frac_big * mlp_params(config))
+  )
   router = 2.0 * tokens * config.dim * 3
-  attn = (2.0 * tokens * attention_projection_params(config)
-          + attention_score_flops(config, batch, seq_len))
+  attn = 2.0 * tokens * attention_projection_params(config) + attention_score_flops(
+    config, batch, seq_len
+  )
   return config.num_layers * (attn + ffn + router) + lm_head_flops(config, tokens)
 
 
-def first_forward_flops(config: Any, batch: int, seq_len: int,
-                        metrics: dict[str, float] | None = None) -> float:
+def first_forward_flops(
+  config: Any, batch: int, seq_len: int, metrics: dict[str, float] | None = None
+) -> float:
   """Forward FLOPs of a FiRST model with the realised skip fraction (default 0)."""
   tokens = batch * seq_len
   executed = 1.0 - _metric(metrics, "first/skip_fraction", 0.0)
   router = tokens * config.dim + 2.0 * batch * config.dim  # Pooling + linear, per layer.
-  return (config.num_layers * (executed * dense_layer_flops(config, batch, seq_len) + router)
-          + lm_head_flops(config, tokens))
+  return config.num_layers * (
+    executed * dense_layer_flops(config, batch, seq_len) + router
+  ) + lm_head_flops(config, tokens)
 
 
-def executed_forward_flops(config: Any, batch: int, seq_len: int,
-                           metrics: dict[str, float] | None = None) -> float:
+def executed_forward_flops(
+  config: Any, batch: int, seq_len: int, metrics: dict[str, float] | None = None
+) -> float:
   """Forward FLOPs executed on [batch, seq_len], dispatching on the config's fields."""
   if hasattr(config, "routed_every") and hasattr(config, "capacity"):
     return mod_forward_flops(config, batch, seq_len, metrics)
@@ -175,8 +192,9 @@ def executed_forward_flops(config: Any, batch: int, seq_len: int,
   return dense_forward_flops(config, batch, seq_len)
 
 
-def executed_train_flops(config: Any, batch: int, seq_len: int,
-                         metrics: dict[str, float] | None = None) -> float:
+def executed_train_flops(
+  config: Any, batch: int, seq_len: int, metrics: dict[str, float] | None = None
+) -> float:
   """Training FLOPs the model actually executes on one [batch, seq_len] step.
 
   `metrics` are the scalar routing statistics the model reported in

@@ -67,14 +67,14 @@ def top_k_indices(scores_BS: jax.Array, k: int) -> jax.Array:
 def gather_tokens(x_BS_: jax.Array, indices_BK: jax.Array) -> jax.Array:
   """x[b, indices[b, k], ...] -> [B, K, ...]."""
   return jnp.take_along_axis(
-      x_BS_, indices_BK.reshape(indices_BK.shape + (1,) * (x_BS_.ndim - 2)), axis=1)
+    x_BS_, indices_BK.reshape(indices_BK.shape + (1,) * (x_BS_.ndim - 2)), axis=1
+  )
 
 
 def scatter_tokens(x_BS_: jax.Array, updates_BK_: jax.Array, indices_BK: jax.Array) -> jax.Array:
   """x with rows indices[b, k] replaced by updates[b, k] (the inverse of `gather_tokens`)."""
   rows_BK = jnp.broadcast_to(jnp.arange(x_BS_.shape[0])[:, None], indices_BK.shape)
-  return x_BS_.at[rows_BK, indices_BK].set(updates_BK_.astype(x_BS_.dtype),
-                                           unique_indices=True)
+  return x_BS_.at[rows_BK, indices_BK].set(updates_BK_.astype(x_BS_.dtype), unique_indices=True)
 
 
 def membership_mask(indices_BK: jax.Array, seq_len: int) -> jax.Array:
@@ -84,16 +84,17 @@ def membership_mask(indices_BK: jax.Array, seq_len: int) -> jax.Array:
   return jnp.zeros((b, seq_len), bool).at[rows_BK, indices_BK].set(True)
 
 
-def expert_choice(scores_BS: jax.Array, k: int, positions_BS: jax.Array,
-                  segment_ids_BS: jax.Array | None = None) -> Selection:
+def expert_choice(
+  scores_BS: jax.Array, k: int, positions_BS: jax.Array, segment_ids_BS: jax.Array | None = None
+) -> Selection:
   """Expert-choice top-k over each row, with the selected tokens' positions and segments."""
   indices_BK = top_k_indices(scores_BS, k)
   return Selection(
-      indices_BK=indices_BK,
-      mask_BS=membership_mask(indices_BK, scores_BS.shape[1]),
-      positions_BK=gather_tokens(positions_BS, indices_BK),
-      segment_ids_BK=None if segment_ids_BS is None else gather_tokens(segment_ids_BS,
-                                                                      indices_BK))
+    indices_BK=indices_BK,
+    mask_BS=membership_mask(indices_BK, scores_BS.shape[1]),
+    positions_BK=gather_tokens(positions_BS, indices_BK),
+    segment_ids_BK=None if segment_ids_BS is None else gather_tokens(segment_ids_BS, indices_BK),
+  )
 
 
 class Slots(NamedTuple):
@@ -126,8 +127,7 @@ def first_come_slots(wants_BS: jax.Array, slots: int) -> Slots:
   slot_BS = jnp.where(kept_BS, rank_BS, slots)  # Out of range: dropped by the scatter.
   rows_BS = jnp.broadcast_to(jnp.arange(b)[:, None], (b, s))
   positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  indices_BC = jnp.zeros((b, slots), jnp.int32).at[rows_BS, slot_BS].set(positions_BS,
-                                                                           mode="drop")
+  indices_BC = jnp.zeros((b, slots), jnp.int32).at[rows_BS, slot_BS].set(positions_BS, mode="drop")
   valid_BC = jnp.arange(slots)[None, :] < jnp.sum(kept_BS, axis=1, keepdims=True)
   return Slots(indices_BC, valid_BC, kept_BS)
 
@@ -142,16 +142,18 @@ def fill_spare_slots(slots_: Slots, score_BS: jax.Array, eligible_BS: jax.Array)
   Eligible tokens must not be kept ones. No gradient flows through the choice.
   """
   b, c = slots_.indices_BC.shape
-  masked_BS = jnp.where(eligible_BS, jax.lax.stop_gradient(score_BS).astype(jnp.float32),
-                        -jnp.inf)
+  masked_BS = jnp.where(eligible_BS, jax.lax.stop_gradient(score_BS).astype(jnp.float32), -jnp.inf)
   best_BC = jax.lax.top_k(masked_BS, c)[1].astype(jnp.int32)  # Best first.
   n_kept_B1 = jnp.sum(slots_.kept_BS, axis=1, keepdims=True)
   rank_BC = jnp.maximum(jnp.arange(c)[None, :] - n_kept_B1, 0)  # Filler rank of each slot.
   filler_BC = jnp.take_along_axis(best_BC, rank_BC, axis=1)
   spare_BC = ~slots_.valid_BC
   fills_BC = spare_BC & jnp.take_along_axis(eligible_BS, filler_BC, axis=1)
-  return Slots(indices_BC=jnp.where(spare_BC, filler_BC, slots_.indices_BC),
-               valid_BC=slots_.valid_BC | fills_BC, kept_BS=slots_.kept_BS)
+  return Slots(
+    indices_BC=jnp.where(spare_BC, filler_BC, slots_.indices_BC),
+    valid_BC=slots_.valid_BC | fills_BC,
+    kept_BS=slots_.kept_BS,
+  )
 
 
 def dispatch_combine(fn, x_BSD: jax.Array, slots_: Slots, weights_BS: jax.Array) -> jax.Array:
@@ -167,8 +169,11 @@ def dispatch_combine(fn, x_BSD: jax.Array, slots_: Slots, weights_BS: jax.Array)
   rows_BC = jnp.broadcast_to(jnp.arange(b)[:, None], slots_.indices_BC.shape)
   target_BC = jnp.where(slots_.valid_BC, slots_.indices_BC, s)  # Unused slots: dropped.
   update_BCD = (w_BC[..., None] * y_BCD.astype(jnp.float32)).astype(y_BCD.dtype)
-  return jnp.zeros((b, s) + y_BCD.shape[2:], y_BCD.dtype).at[rows_BC, target_BC].add(
-      update_BCD, mode="drop")
+  return (
+    jnp.zeros((b, s) + y_BCD.shape[2:], y_BCD.dtype)
+    .at[rows_BC, target_BC]
+    .add(update_BCD, mode="drop")
+  )
 
 
 def threshold_route(logits_BS: jax.Array) -> jax.Array:
@@ -176,8 +181,9 @@ def threshold_route(logits_BS: jax.Array) -> jax.Array:
   return logits_BS > 0
 
 
-def bce_with_logits(logits: jax.Array, targets: jax.Array,
-                    weights: jax.Array | None = None) -> jax.Array:
+def bce_with_logits(
+  logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
   """Mean binary cross-entropy of float32 logits against {0, 1} targets (optionally weighted)."""
   logits = logits.astype(jnp.float32)
   targets = targets.astype(jnp.float32)
@@ -188,8 +194,9 @@ def bce_with_logits(logits: jax.Array, targets: jax.Array,
   return jnp.sum(per * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def router_bce_loss(router_logits_BS: jax.Array, selected_BS: jax.Array,
-                    weights_BS: jax.Array | None = None) -> jax.Array:
+def router_bce_loss(
+  router_logits_BS: jax.Array, selected_BS: jax.Array, weights_BS: jax.Array | None = None
+) -> jax.Array:
   """Auxiliary loss on the router's own logits: BCE to top-k membership.
 
   The gradient reaches the router; route at decode time with `threshold_route`.
@@ -201,10 +208,10 @@ def predictor_init(key: jax.Array, dim: int, hidden: int, dtype=jnp.float32) -> 
   """Parameters of the MoD predictor MLP: D -> H (ReLU) -> 1."""
   k1, k2 = jax.random.split(key)
   return {
-      "w1_DH": jax.random.normal(k1, (dim, hidden), dtype) * dim ** -0.5,
-      "b1_H": jnp.zeros((hidden,), dtype),
-      "w2_H": jax.random.normal(k2, (hidden,), dtype) * hidden ** -0.5,
-      "b2": jnp.zeros((), dtype),
+    "w1_DH": jax.random.normal(k1, (dim, hidden), dtype) * dim**-0.5,
+    "b1_H": jnp.zeros((hidden,), dtype),
+    "w2_H": jax.random.normal(k2, (hidden,), dtype) * hidden**-0.5,
+    "b2": jnp.zeros((), dtype),
   }
 
 
@@ -219,11 +226,13 @@ def predictor_logits(params: dict, x_BSD: jax.Array) -> jax.Array:
   return h_BSH @ params["w2_H"].astype(jnp.float32) + params["b2"].astype(jnp.float32)
 
 
-def predictor_loss(params: dict, x_BSD: jax.Array, selected_BS: jax.Array,
-                   weights_BS: jax.Array | None = None) -> jax.Array:
+def predictor_loss(
+  params: dict, x_BSD: jax.Array, selected_BS: jax.Array, weights_BS: jax.Array | None = None
+) -> jax.Array:
   """BCE of the predictor on stop_gradient(x) against top-k membership."""
-  return bce_with_logits(predictor_logits(params, x_BSD),
-                         jax.lax.stop_gradient(selected_BS), weights_BS)
+  return bce_with_logits(
+    predictor_logits(params, x_BSD), jax.lax.stop_gradient(selected_BS), weights_BS
+  )
 
 
 def routing_accuracy(logits_BS: jax.Array, selected_BS: jax.Array) -> jax.Array:

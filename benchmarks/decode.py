@@ -29,20 +29,41 @@ from models import decoding, transformer
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "decode.json")
 
-ARCH = dict(vocab_size=256, dim=512, num_layers=6, num_heads=8, num_kv_heads=8, head_dim=64,
-            mlp_dim=1536, rope_theta=10_000.0, norm_eps=1e-6)
+ARCH = dict(
+  vocab_size=256,
+  dim=512,
+  num_layers=6,
+  num_heads=8,
+  num_kv_heads=8,
+  head_dim=64,
+  mlp_dim=1536,
+  rope_theta=10_000.0,
+  norm_eps=1e-6,
+)
 
 
 def hf_model(device):
   import torch
   from transformers import LlamaConfig, LlamaForCausalLM
+
   config = LlamaConfig(
-      vocab_size=ARCH["vocab_size"], hidden_size=ARCH["dim"],
-      intermediate_size=ARCH["mlp_dim"], num_hidden_layers=ARCH["num_layers"],
-      num_attention_heads=ARCH["num_heads"], num_key_value_heads=ARCH["num_kv_heads"],
-      head_dim=ARCH["head_dim"], rope_theta=ARCH["rope_theta"], rms_norm_eps=ARCH["norm_eps"],
-      max_position_embeddings=1024, tie_word_embeddings=False, attention_bias=False,
-      bos_token_id=None, eos_token_id=None, pad_token_id=0, torch_dtype=torch.float32)
+    vocab_size=ARCH["vocab_size"],
+    hidden_size=ARCH["dim"],
+    intermediate_size=ARCH["mlp_dim"],
+    num_hidden_layers=ARCH["num_layers"],
+    num_attention_heads=ARCH["num_heads"],
+    num_key_value_heads=ARCH["num_kv_heads"],
+    head_dim=ARCH["head_dim"],
+    rope_theta=ARCH["rope_theta"],
+    rms_norm_eps=ARCH["norm_eps"],
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=0,
+    torch_dtype=torch.float32,
+  )
   torch.manual_seed(0)
   model = LlamaForCausalLM(config).to(device=device, dtype=torch.float32).eval()
   return model
@@ -83,9 +104,15 @@ def main():
 
   def theirs(new_tokens=n):
     with torch.inference_mode():
-      result = hf.generate(input_ids=input_ids, attention_mask=attention_mask,
-                           max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           do_sample=False, eos_token_id=None, pad_token_id=0)
+      result = hf.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+      )
     if device == "cuda":
       torch.cuda.synchronize()
     return result
@@ -109,28 +136,39 @@ def main():
   ours_tps, theirs_tps = tokens / min(ours_s), tokens / min(theirs_s)
   dev = jax.devices()[0]
   report = {
-      "benchmark": "batched greedy generation, generated tokens per second",
-      "device": {
-          "jax": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
-          "torch": device if device == "cpu" else torch.cuda.get_device_name(),
-          "cpu": platform.processor() or platform.machine(),
-          "cpu_count": os.cpu_count(),
-          "torch_threads": torch.get_num_threads(),
-      },
-      "versions": {"jax": jax.__version__, "torch": torch.__version__,
-                   "transformers": transformers.__version__},
-      "config": dict(ARCH, batch=b, prompt_tokens=s, new_tokens=n, dtype="float32",
-                     sampling="greedy", eos="none", repeats=args.repeats),
-      "ours_tokens_per_s": round(ours_tps, 1),
-      "transformers_tokens_per_s": round(theirs_tps, 1),
-      "speedup": round(ours_tps / theirs_tps, 3),
-      "ours_compile_s": round(compile_s, 2),
-      "transformers_warmup_s": round(hf_warmup_s, 2),
-      "ours_call_s": [round(x, 3) for x in ours_s],
-      "transformers_call_s": [round(x, 3) for x in theirs_s],
-      "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-      "note": "throughput = best of the repeats; compile/warm-up excluded; other processes"
-              " sharing the CPU (see load average) slow both sides, torch's threads more",
+    "benchmark": "batched greedy generation, generated tokens per second",
+    "device": {
+      "jax": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
+      "torch": device if device == "cpu" else torch.cuda.get_device_name(),
+      "cpu": platform.processor() or platform.machine(),
+      "cpu_count": os.cpu_count(),
+      "torch_threads": torch.get_num_threads(),
+    },
+    "versions": {
+      "jax": jax.__version__,
+      "torch": torch.__version__,
+      "transformers": transformers.__version__,
+    },
+    "config": dict(
+      ARCH,
+      batch=b,
+      prompt_tokens=s,
+      new_tokens=n,
+      dtype="float32",
+      sampling="greedy",
+      eos="none",
+      repeats=args.repeats,
+    ),
+    "ours_tokens_per_s": round(ours_tps, 1),
+    "transformers_tokens_per_s": round(theirs_tps, 1),
+    "speedup": round(ours_tps / theirs_tps, 3),
+    "ours_compile_s": round(compile_s, 2),
+    "transformers_warmup_s": round(hf_warmup_s, 2),
+    "ours_call_s": [round(x, 3) for x in ours_s],
+    "transformers_call_s": [round(x, 3) for x in theirs_s],
+    "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+    "note": "throughput = best of the repeats; compile/warm-up excluded; other processes"
+    " sharing the CPU (see load average) slow both sides, torch's threads more",
   }
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:

@@ -53,8 +53,7 @@ def evaluate(model: duo.DuoTransformer, batch, routing_LBS=None) -> dict:
   graphdef, state = nnx.split(model)
   fn = _eval_fn(graphdef)
   (ce, n), metrics = fn(state, batch, routing_LBS)
-  return {"ce_sum": float(ce), "count": float(n),
-          **{k: float(v) for k, v in metrics.items()}}
+  return {"ce_sum": float(ce), "count": float(n), **{k: float(v) for k, v in metrics.items()}}
 
 
 _EVAL = {}
@@ -62,11 +61,16 @@ _EVAL = {}
 
 def _eval_fn(graphdef):
   if graphdef not in _EVAL:
+
     def f(st, b, routing_LBS):
-      logits, aux = nnx.merge(graphdef, st)(b["tokens"], b["positions"], b["segment_ids"],
-                                            routing_LBS=routing_LBS)
-      return (trainer.masked_cross_entropy_sum(logits, b["targets"], b["loss_mask"]),
-              aux["metrics"])
+      logits, aux = nnx.merge(graphdef, st)(
+        b["tokens"], b["positions"], b["segment_ids"], routing_LBS=routing_LBS
+      )
+      return (
+        trainer.masked_cross_entropy_sum(logits, b["targets"], b["loss_mask"]),
+        aux["metrics"],
+      )
+
     _EVAL[graphdef] = jax.jit(f)
   return _EVAL[graphdef]
 
@@ -77,7 +81,8 @@ def aggregate(rows: list[dict], config, batch: int, seq: int) -> dict:
     out[k.split("/")[1]] = float(np.mean([r[k] for r in rows]))
   out["ffn_cost_vs_all_big"] = out.pop("realised_cost")
   out["routed_forward_flops_per_batch"] = flops_lib.duo_routed_forward_flops(
-      config, batch, seq, {"duo/frac_small": out["frac_small"], "duo/frac_big": out["frac_big"]})
+    config, batch, seq, {"duo/frac_small": out["frac_small"], "duo/frac_big": out["frac_big"]}
+  )
   return out
 
 
@@ -90,8 +95,9 @@ def main():
   p.add_argument("--out", default=os.path.join(isoflop.RESULTS, "duo_oracle.json"))
   args = p.parse_args()
 
-  config = isoflop.base_config(args, "duo", args.steps, small_mlp_dim=args.small_mlp_dim,
-                               compute_penalty=args.compute_penalty)
+  config = isoflop.base_config(
+    args, "duo", args.steps, small_mlp_dim=args.small_mlp_dim, compute_penalty=args.compute_penalty
+  )
   start = time.perf_counter()
   run = isoflop.TrainRun(config, args.eval_batches)
   curve = isoflop.train_curve(run, args.steps, 3)
@@ -111,12 +117,21 @@ def main():
     info = {}
     for name, init in (("oracle", None), ("oracle_from_all_big", all_big)):
       t0 = time.perf_counter()
-      found = duo.oracle_search(model, b["tokens"], budget, targets_BS=b["targets"],
-                                loss_mask_BS=b["loss_mask"], positions_BS=b["positions"],
-                                segment_ids_BS=b["segment_ids"], init_routing_LBS=init)
+      found = duo.oracle_search(
+        model,
+        b["tokens"],
+        budget,
+        targets_BS=b["targets"],
+        loss_mask_BS=b["loss_mask"],
+        positions_BS=b["positions"],
+        segment_ids_BS=b["segment_ids"],
+        init_routing_LBS=init,
+      )
       budget = found["budget"]
-      info[name] = {"seconds": time.perf_counter() - t0,
-                    **{k: v for k, v in found.items() if k != "routing_LBS"}}
+      info[name] = {
+        "seconds": time.perf_counter() - t0,
+        **{k: v for k, v in found.items() if k != "routing_LBS"},
+      }
       rows[name].append(evaluate(model, b, jnp.asarray(found["routing_LBS"])))
     budgets.append(budget)
     search.append(info)
@@ -126,31 +141,38 @@ def main():
   summary = {k: aggregate(v, model_config, args.batch, args.seq) for k, v in rows.items()}
   t, o = summary["trained"], summary["oracle"]
   result = {
-      "benchmark": "duo_oracle", **isoflop.environment(),
-      "config": {k: v for k, v in vars(args).items() if k != "out"},
-      "model": dict(config.model),
-      "data": "train.data generated source (reasoning-gym tasks), byte tokenizer; held-out "
-              "eval split",
-      "training": {"steps": args.steps, "seconds": train_seconds, "curve": curve,
-                   "train_aux_last20_mean": {k: float(np.mean(v[-20:]))
-                                             for k, v in run.aux_means.items()}},
-      "heldout_batches": len(run.eval_host),
-      "oracle_budget_per_batch": budgets,
-      "oracle_search_per_batch": search,
-      "results": summary,
-      "gap": {
-          "loss_trained_minus_oracle": t["heldout_loss"] - o["heldout_loss"],
-          "ffn_cost_trained_minus_oracle": t["ffn_cost_vs_all_big"] - o["ffn_cost_vs_all_big"],
-          "routed_flops_ratio_trained_over_oracle": (
-              t["routed_forward_flops_per_batch"] / o["routed_forward_flops_per_batch"]),
-      },
-      "notes": ("Oracle = models.duo.oracle_search (first-order proposals through attention and "
-                "later layers, each move accepted only if the exact batch loss drops; sees the "
-                "targets), started from the trained routing with budget = its realised mean FFN "
-                "cost over layers and tokens on the same batch; it scores exactly the reported "
-                "objective (packed segments, positions, loss mask). So oracle loss <= trained "
-                "loss and oracle cost <= trained cost per batch by construction; being a local "
-                "search, the gap is a lower bound on the exact oracle's."),
+    "benchmark": "duo_oracle",
+    **isoflop.environment(),
+    "config": {k: v for k, v in vars(args).items() if k != "out"},
+    "model": dict(config.model),
+    "data": "train.data generated source (reasoning-gym tasks), byte tokenizer; held-out "
+    "eval split",
+    "training": {
+      "steps": args.steps,
+      "seconds": train_seconds,
+      "curve": curve,
+      "train_aux_last20_mean": {k: float(np.mean(v[-20:])) for k, v in run.aux_means.items()},
+    },
+    "heldout_batches": len(run.eval_host),
+    "oracle_budget_per_batch": budgets,
+    "oracle_search_per_batch": search,
+    "results": summary,
+    "gap": {
+      "loss_trained_minus_oracle": t["heldout_loss"] - o["heldout_loss"],
+      "ffn_cost_trained_minus_oracle": t["ffn_cost_vs_all_big"] - o["ffn_cost_vs_all_big"],
+      "routed_flops_ratio_trained_over_oracle": (
+        t["routed_forward_flops_per_batch"] / o["routed_forward_flops_per_batch"]
+      ),
+    },
+    "notes": (
+      "Oracle = models.duo.oracle_search (first-order proposals through attention and "
+      "later layers, each move accepted only if the exact batch loss drops; sees the "
+      "targets), started from the trained routing with budget = its realised mean FFN "
+      "cost over layers and tokens on the same batch; it scores exactly the reported "
+      "objective (packed segments, positions, loss mask). So oracle loss <= trained "
+      "loss and oracle cost <= trained cost per batch by construction; being a local "
+      "search, the gap is a lower bound on the exact oracle's."
+    ),
   }
   isoflop.write_result(args.out, result)
   print(json.dumps({"results": summary, "gap": result["gap"]}, indent=2))

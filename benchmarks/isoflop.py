@@ -59,9 +59,20 @@ def base_config(args, kind: str, total_steps: int, **model_extra):
   c.data.eval_examples = args.eval_examples
   c.seed = args.seed
   with c.unlocked():
-    c.model.update(dict(kind=kind, vocab_size=320, dim=args.dim, num_layers=args.layers,
-                        num_heads=args.heads, num_kv_heads=args.heads, head_dim=args.head_dim,
-                        mlp_dim=args.mlp_dim, dtype=args.dtype, param_dtype="float32"))
+    c.model.update(
+      dict(
+        kind=kind,
+        vocab_size=320,
+        dim=args.dim,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.heads,
+        head_dim=args.head_dim,
+        mlp_dim=args.mlp_dim,
+        dtype=args.dtype,
+        param_dtype="float32",
+      )
+    )
     c.model.update(model_extra)
   return c
 
@@ -93,7 +104,8 @@ class TrainRun:
     for m in jax.device_get(metrics):
       aux = {k[4:]: float(v) for k, v in m.items() if k.startswith("aux/")}
       self.train_flops += flops_lib.executed_train_flops(
-          self.run.model_config, self.config.batch_size, self.config.seq_len, aux)
+        self.run.model_config, self.config.batch_size, self.config.seq_len, aux
+      )
       for k, v in aux.items():
         self.aux_means.setdefault(k, []).append(v)
 
@@ -116,14 +128,16 @@ def train_curve(run: TrainRun, total_steps: int, points: int) -> list[dict]:
   for mark in marks:
     run.train(mark - run.step)
     curve.append({"step": run.step, "train_flops": run.train_flops, "eval_loss": run.eval_loss()})
-    print(f"  step {run.step}/{total_steps}  flops {run.train_flops:.3e}  eval "
-          f"{curve[-1]['eval_loss']:.4f}  ({time.perf_counter() - start:.0f} s)", flush=True)
+    print(
+      f"  step {run.step}/{total_steps}  flops {run.train_flops:.3e}  eval "
+      f"{curve[-1]['eval_loss']:.4f}  ({time.perf_counter() - start:.0f} s)",
+      flush=True,
+    )
   return curve
 
 
 def _masked_ce(logits_BSV, batch):
-  ce_sum, count = trainer.masked_cross_entropy_sum(logits_BSV, batch["targets"],
-                                                   batch["loss_mask"])
+  ce_sum, count = trainer.masked_cross_entropy_sum(logits_BSV, batch["targets"], batch["loss_mask"])
   return ce_sum, count
 
 
@@ -156,32 +170,40 @@ def routing_quality(model: mod.MoDTransformer, batches) -> dict:
   other = mod.MoDTransformer(c.replace(decode_router="router"), rngs=nnx.Rngs(0))
   nnx.update(other, nnx.state(model))
   models["router"] = other
+
   def threshold_eval(m):
     gd, st = nnx.split(m)
 
     def f(s, b):
-      logits, aux = nnx.merge(gd, s)(b["tokens"], b["positions"], b["segment_ids"],
-                                     routing="threshold")
+      logits, aux = nnx.merge(gd, s)(
+        b["tokens"], b["positions"], b["segment_ids"], routing="threshold"
+      )
       return _masked_ce(logits, b), aux["metrics"]["mod/routed_fraction"]
+
     return jax.jit(f), st
 
   loss_fns = {name: threshold_eval(m) for name, m in models.items()}
   gd = graphdef
-  topk_fn = jax.jit(lambda s, b: _masked_ce(
-      nnx.merge(gd, s)(b["tokens"], b["positions"], b["segment_ids"])[0], b))
+  topk_fn = jax.jit(
+    lambda s, b: _masked_ce(nnx.merge(gd, s)(b["tokens"], b["positions"], b["segment_ids"])[0], b)
+  )
 
   per_block = {name: np.zeros((len(routed), 4)) for name in ("predictor", "router")}  # tp fp fn tn
-  losses = {"topk": [0.0, 0.0], "threshold_predictor": [0.0, 0.0],
-            "threshold_router": [0.0, 0.0]}
+  losses = {"topk": [0.0, 0.0], "threshold_predictor": [0.0, 0.0], "threshold_router": [0.0, 0.0]}
   fractions = {"predictor": [], "router": []}
   for b in batches:
     b = {k: jnp.asarray(v) for k, v in b.items()}
     real = np.asarray(b["segment_ids"]) > 0
-    for j, (sel, pred, rout) in enumerate(jax.device_get(
-        membership(state, b["tokens"], b["positions"], b["segment_ids"]))):
+    for j, (sel, pred, rout) in enumerate(
+      jax.device_get(membership(state, b["tokens"], b["positions"], b["segment_ids"]))
+    ):
       for name, dec in (("predictor", pred), ("router", rout)):
-        per_block[name][j] += [np.sum(dec & sel & real), np.sum(dec & ~sel & real),
-                               np.sum(~dec & sel & real), np.sum(~dec & ~sel & real)]
+        per_block[name][j] += [
+          np.sum(dec & sel & real),
+          np.sum(dec & ~sel & real),
+          np.sum(~dec & sel & real),
+          np.sum(~dec & ~sel & real),
+        ]
     ce, n = topk_fn(state, b)
     losses["topk"][0] += float(ce)
     losses["topk"][1] += float(n)
@@ -194,27 +216,36 @@ def routing_quality(model: mod.MoDTransformer, batches) -> dict:
   def summary(counts):
     tp, fp, fn, tn = counts
     total = tp + fp + fn + tn
-    return {"accuracy": float((tp + tn) / total), "recall_of_selected": float(tp / max(tp + fn, 1)),
-            "precision": float(tp / max(tp + fp, 1)), "routed_fraction": float((tp + fp) / total),
-            "topk_fraction": float((tp + fn) / total)}
+    return {
+      "accuracy": float((tp + tn) / total),
+      "recall_of_selected": float(tp / max(tp + fn, 1)),
+      "precision": float(tp / max(tp + fp, 1)),
+      "routed_fraction": float((tp + fp) / total),
+      "topk_fraction": float((tp + fn) / total),
+    }
 
   out = {}
   for name, blocks in per_block.items():
-    out[name] = {"overall": summary(blocks.sum(0)),
-                 "per_routed_block": {f"layer_{l}": summary(blocks[j])
-                                      for l, j in routed.items()}}
+    out[name] = {
+      "overall": summary(blocks.sum(0)),
+      "per_routed_block": {f"layer_{l}": summary(blocks[j]) for l, j in routed.items()},
+    }
   out["all_skip_baseline_accuracy"] = 1.0 - out["predictor"]["overall"]["topk_fraction"]
   out["heldout_loss"] = {k: v[0] / max(v[1], 1.0) for k, v in losses.items()}
   out["threshold_routed_fraction"] = {k: float(np.mean(v)) for k, v in fractions.items()}
-  out["note"] = ("counts over real (non-padding) tokens of held-out rows; top-k is over the whole "
-                 "packed row, padding included, as in training")
+  out["note"] = (
+    "counts over real (non-padding) tokens of held-out rows; top-k is over the whole "
+    "packed row, padding included, as in training"
+  )
   return out
 
 
 def plot(curves: dict, path: str, title: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(6, 4))
   for name, curve in curves.items():
     xs = [p["train_flops"] for p in curve[1:]]
@@ -249,12 +280,20 @@ def add_common_flags(p):
 
 
 def environment() -> dict:
-  return {"devices": [str(d) for d in jax.devices()], "device_kind": jax.devices()[0].device_kind,
-          "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
-          "machine": platform.machine(),
-          "versions": {"jax": jax.__version__, "flax": flax.__version__,
-                       "optax": optax.__version__, "numpy": np.__version__,
-                       "python": platform.python_version()}}
+  return {
+    "devices": [str(d) for d in jax.devices()],
+    "device_kind": jax.devices()[0].device_kind,
+    "backend": jax.default_backend(),
+    "cpu_count": os.cpu_count(),
+    "machine": platform.machine(),
+    "versions": {
+      "jax": jax.__version__,
+      "flax": flax.__version__,
+      "optax": optax.__version__,
+      "numpy": np.__version__,
+      "python": platform.python_version(),
+    },
+  }
 
 
 def write_result(path: str, result: dict) -> None:
@@ -274,13 +313,24 @@ def main():
   p.add_argument("--png", default=os.path.join(RESULTS, "isoflop.png"))
   args = p.parse_args()
 
-  mod_extra = dict(capacity=args.capacity, routed_every=2, routed_offset=1,
-                   router_activation="identity", decode_router="predictor",
-                   router_loss_weight=0.01, predictor_loss_weight=0.01, predictor_hidden=64)
-  probe = {kind: config_lib.validate(base_config(args, kind, 1, **extra), num_devices=1)
-           for kind, extra in (("dense", {}), ("mod", mod_extra))}
-  step_flops = {k: flops_lib.executed_train_flops(r.model_config, args.batch, args.seq)
-                for k, r in probe.items()}
+  mod_extra = dict(
+    capacity=args.capacity,
+    routed_every=2,
+    routed_offset=1,
+    router_activation="identity",
+    decode_router="predictor",
+    router_loss_weight=0.01,
+    predictor_loss_weight=0.01,
+    predictor_hidden=64,
+  )
+  probe = {
+    kind: config_lib.validate(base_config(args, kind, 1, **extra), num_devices=1)
+    for kind, extra in (("dense", {}), ("mod", mod_extra))
+  }
+  step_flops = {
+    k: flops_lib.executed_train_flops(r.model_config, args.batch, args.seq)
+    for k, r in probe.items()
+  }
   budget = args.dense_steps * step_flops["dense"]
   steps = {"dense": args.dense_steps, "mod": int(budget // step_flops["mod"])}
   print(f"budget {budget:.3e} FLOPs; steps {steps}; FLOPs/step {step_flops}", flush=True)
@@ -303,37 +353,51 @@ def main():
 
   gap = finals["mod"]["eval_loss"] - finals["dense"]["eval_loss"]
   result = {
-      "benchmark": "isoflop", **environment(),
-      "config": {k: v for k, v in vars(args).items() if k not in ("out", "png")},
-      "model": {k: v for k, v in base_config(args, "mod", 1, **mod_extra).model.items()},
-      "data": "train.data generated source (reasoning-gym tasks), byte tokenizer; eval split "
-              "held out",
-      "train_flops_per_step": step_flops, "budget_flops": budget, "steps": steps,
-      "tokens_seen": {k: v * args.batch * args.seq for k, v in steps.items()},
-      "wall_seconds": wall,
-      "curves": curves,
-      "final_eval_loss_at_equal_flops": {k: v["eval_loss"] for k, v in finals.items()},
-      "final_train_flops": {k: v["train_flops"] for k, v in finals.items()},
-      "mod_minus_dense_eval_loss": gap,
-      "target": "paper: at equal training FLOPs MoD's loss at or below dense",
-      "target_met": bool(gap <= 0),
-      "mod_train_aux_last20_mean": train_aux,
-      "routing_quality_heldout": quality,
-      "paper_predictor_accuracy": "~97-99%",
-      "scale_note": (
-          "Tiny CPU run: ~1e13-1e14 FLOPs, ~0.1M-parameter models, seq 128 (k=16 routed tokens "
-          "per row). The MoD paper's isoFLOP analyses are at ~6e18-1e20 FLOPs with 60M-3B "
-          "parameter models and seq 2048; its gains come from a MoD model that is larger or "
-          "trains on more tokens at the same budget, which needs the router to have learned "
-          "something worth routing on. Expect the comparison here to be noise-level or to favour "
-          "dense; a meaningful check needs >= 1e18 FLOPs (accelerator, --seq 1024+, models of "
-          ">= 50M parameters)."),
+    "benchmark": "isoflop",
+    **environment(),
+    "config": {k: v for k, v in vars(args).items() if k not in ("out", "png")},
+    "model": {k: v for k, v in base_config(args, "mod", 1, **mod_extra).model.items()},
+    "data": "train.data generated source (reasoning-gym tasks), byte tokenizer; eval split "
+    "held out",
+    "train_flops_per_step": step_flops,
+    "budget_flops": budget,
+    "steps": steps,
+    "tokens_seen": {k: v * args.batch * args.seq for k, v in steps.items()},
+    "wall_seconds": wall,
+    "curves": curves,
+    "final_eval_loss_at_equal_flops": {k: v["eval_loss"] for k, v in finals.items()},
+    "final_train_flops": {k: v["train_flops"] for k, v in finals.items()},
+    "mod_minus_dense_eval_loss": gap,
+    "target": "paper: at equal training FLOPs MoD's loss at or below dense",
+    "target_met": bool(gap <= 0),
+    "mod_train_aux_last20_mean": train_aux,
+    "routing_quality_heldout": quality,
+    "paper_predictor_accuracy": "~97-99%",
+    "scale_note": (
+      "Tiny CPU run: ~1e13-1e14 FLOPs, ~0.1M-parameter models, seq 128 (k=16 routed tokens "
+      "per row). The MoD paper's isoFLOP analyses are at ~6e18-1e20 FLOPs with 60M-3B "
+      "parameter models and seq 2048; its gains come from a MoD model that is larger or "
+      "trains on more tokens at the same budget, which needs the router to have learned "
+      "something worth routing on. Expect the comparison here to be noise-level or to favour "
+      "dense; a meaningful check needs >= 1e18 FLOPs (accelerator, --seq 1024+, models of "
+      ">= 50M parameters)."
+    ),
   }
   write_result(args.out, result)
-  plot(curves, args.png, f"isoFLOP: dense vs MoD (capacity {args.capacity}), "
-       f"{args.layers}L d{args.dim} S{args.seq}")
-  print(json.dumps({k: result[k] for k in ("final_eval_loss_at_equal_flops",
-                                           "mod_minus_dense_eval_loss", "steps")}, indent=2))
+  plot(
+    curves,
+    args.png,
+    f"isoFLOP: dense vs MoD (capacity {args.capacity}), {args.layers}L d{args.dim} S{args.seq}",
+  )
+  print(
+    json.dumps(
+      {
+        k: result[k]
+        for k in ("final_eval_loss_at_equal_flops", "mod_minus_dense_eval_loss", "steps")
+      },
+      indent=2,
+    )
+  )
   print(json.dumps({n: quality[n]["overall"] for n in ("predictor", "router")}, indent=2))
   print(json.dumps(quality["heldout_loss"], indent=2))
 

@@ -46,10 +46,22 @@ def make_config(args, kind: str, **model_fields):
   c.optimizer.warmup_steps = 10
   c.mesh.data = -1
   with c.unlocked():
-    c.model.update(dict(kind=kind, vocab_size=args.vocab, dim=args.dim, num_layers=args.layers,
-                        num_heads=args.heads, num_kv_heads=args.kv_heads,
-                        head_dim=args.head_dim, mlp_dim=args.mlp_dim, dtype=args.dtype,
-                        param_dtype="float32", remat=args.remat, **model_fields))
+    c.model.update(
+      dict(
+        kind=kind,
+        vocab_size=args.vocab,
+        dim=args.dim,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        mlp_dim=args.mlp_dim,
+        dtype=args.dtype,
+        param_dtype="float32",
+        remat=args.remat,
+        **model_fields,
+      )
+    )
   return c
 
 
@@ -59,10 +71,15 @@ def host_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0):
   out = []
   for _ in range(n):
     tokens = rng.integers(3, vocab, (batch, seq + 1)).astype(np.int32)
-    out.append({"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-                "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
-                "segment_ids": np.ones((batch, seq), np.int32),
-                "loss_mask": np.ones((batch, seq), np.float32)})
+    out.append(
+      {
+        "tokens": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+        "segment_ids": np.ones((batch, seq), np.int32),
+        "loss_mask": np.ones((batch, seq), np.float32),
+      }
+    )
   return out
 
 
@@ -78,15 +95,14 @@ class Runner:
   def steps(self, batches) -> dict:
     metrics = None
     for b in batches:
-      self.state, metrics = self.setup.train_step(self.state,
-                                                  trainer.device_batch(b, self.setup))
+      self.state, metrics = self.setup.train_step(self.state, trainer.device_batch(b, self.setup))
     return jax.device_get(metrics)
-
 
   def xla_flops(self, host_batch) -> float:
     """FLOPs of one compiled train step by XLA's cost analysis (masked work included)."""
     compiled = self.setup.train_step.lower(
-        self.state, trainer.device_batch(host_batch, self.setup)).compile()
+      self.state, trainer.device_batch(host_batch, self.setup)
+    ).compile()
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     return float(analysis["flops"])
@@ -111,8 +127,10 @@ def median_seconds(fn, *args, reps: int = 5) -> float:
 
 def jitted_fwd_bwd(graphdef, f):
   """jit(grad) of Σ f(model, x)² w.r.t. (model state, x): times a piece's forward + backward."""
+
   def loss(state, x):
     return jnp.sum(f(nnx.merge(graphdef, state), x).astype(jnp.float32) ** 2)
+
   return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
@@ -127,7 +145,7 @@ def time_models(configs: dict, batches, rounds: int):
     print(f"{name}: compile + first step {compile_s[name]:.1f} s", flush=True)
   names = list(configs)
   for r in range(rounds):
-    for name in names[r % len(names):] + names[:r % len(names)]:
+    for name in names[r % len(names) :] + names[: r % len(names)]:
       times[name].append(timed_round(runners[name], batches))
       print(f"round {r} {name}: {times[name][-1]:.3f} s/step", flush=True)
   return runners, compile_s, times

@@ -32,8 +32,18 @@ from configs import lm_dense
 from models import registry
 from train import config_lib, sharding, trainer
 
-MODEL = dict(kind="dense", vocab_size=256, dim=512, num_layers=6, num_heads=8, num_kv_heads=8,
-             head_dim=64, mlp_dim=1536, dtype="float32", param_dtype="float32")
+MODEL = dict(
+  kind="dense",
+  vocab_size=256,
+  dim=512,
+  num_layers=6,
+  num_heads=8,
+  num_kv_heads=8,
+  head_dim=64,
+  mlp_dim=1536,
+  dtype="float32",
+  param_dtype="float32",
+)
 BATCH, SEQ = 8, 256
 
 
@@ -55,10 +65,12 @@ class Framework:
 
   def __init__(self, config):
     kind, fields = config_lib.model_fields(config)
-    run = config_lib.Run(mesh_shape=sharding.resolve_mesh_shape(dict(config.mesh),
-                                                                jax.device_count()),
-                         model_kind=kind, model_config=registry.make_config(kind, fields),
-                         micro_batch_size=BATCH)
+    run = config_lib.Run(
+      mesh_shape=sharding.resolve_mesh_shape(dict(config.mesh), jax.device_count()),
+      model_kind=kind,
+      model_config=registry.make_config(kind, fields),
+      micro_batch_size=BATCH,
+    )
     mesh = sharding.make_mesh(dict(config.mesh))
     self.setup = trainer.setup(run, config, mesh)
     self.state = self.setup.init()
@@ -84,17 +96,20 @@ class Minimal:
     self.graphdef, params = nnx.split(model, nnx.Param)
     self.params = params.to_pure_dict()
     opt = config.optimizer
-    schedule = optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, opt.warmup_steps,
-                                                  config.total_steps)
-    self.tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm),
-                          optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                                      weight_decay=opt.weight_decay))
+    schedule = optax.warmup_cosine_decay_schedule(
+      0.0, opt.learning_rate, opt.warmup_steps, config.total_steps
+    )
+    self.tx = optax.chain(
+      optax.clip_by_global_norm(opt.grad_clip_norm),
+      optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay),
+    )
     self.opt_state = self.tx.init(self.params)
     graphdef, tx = self.graphdef, self.tx
 
     def loss_fn(params, batch):
-      logits, _ = nnx.merge(graphdef, params)(batch["tokens"], batch["positions"],
-                                              batch["segment_ids"])
+      logits, _ = nnx.merge(graphdef, params)(
+        batch["tokens"], batch["positions"], batch["segment_ids"]
+      )
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
       return jnp.sum(ce * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])
 
@@ -106,8 +121,9 @@ class Minimal:
     self._step = jax.jit(step, donate_argnums=(0, 1))
 
   def step(self, batch):
-    self.params, self.opt_state, loss = self._step(self.params, self.opt_state,
-                                                   jax.device_put(batch))
+    self.params, self.opt_state, loss = self._step(
+      self.params, self.opt_state, jax.device_put(batch)
+    )
     return loss
 
   def finish(self, losses):
@@ -126,8 +142,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
   parser.add_argument("--rounds", type=int, default=3)
-  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                    "train_step.json"))
+  parser.add_argument(
+    "--out", default=os.path.join(os.path.dirname(__file__), "results", "train_step.json")
+  )
   args = parser.parse_args()
   config = make_config()
   batches = host_batches(args.steps)
@@ -146,24 +163,38 @@ def main():
 
   model_config = registry.make_config("dense", {k: v for k, v in MODEL.items() if k != "kind"})
   step_flops = flops_lib.dense_train_flops(model_config, BATCH, SEQ)
-  result = {"model": MODEL, "batch": BATCH, "seq_len": SEQ, "optimizer": "clip+adamw",
-            "devices": [str(d) for d in jax.devices()], "device_kind": jax.devices()[0].device_kind,
-            "cpu_count": os.cpu_count(), "machine": platform.machine(),
-            "steps_per_round": args.steps, "rounds": args.rounds,
-            "train_flops_per_step": step_flops}
+  result = {
+    "model": MODEL,
+    "batch": BATCH,
+    "seq_len": SEQ,
+    "optimizer": "clip+adamw",
+    "devices": [str(d) for d in jax.devices()],
+    "device_kind": jax.devices()[0].device_kind,
+    "cpu_count": os.cpu_count(),
+    "machine": platform.machine(),
+    "steps_per_round": args.steps,
+    "rounds": args.rounds,
+    "train_flops_per_step": step_flops,
+  }
   for name in ("framework", "minimal"):
     sec = statistics.median(times[name])
-    result[name] = {"seconds_per_step_median": sec, "seconds_per_step_all": times[name],
-                    "tokens_per_second": BATCH * SEQ / sec, "flops_per_second": step_flops / sec,
-                    "compile_and_first_step_seconds": compile_s[name]}
-  result["framework_efficiency"] = (result["framework"]["tokens_per_second"]
-                                    / result["minimal"]["tokens_per_second"])
+    result[name] = {
+      "seconds_per_step_median": sec,
+      "seconds_per_step_all": times[name],
+      "tokens_per_second": BATCH * SEQ / sec,
+      "flops_per_second": step_flops / sec,
+      "compile_and_first_step_seconds": compile_s[name],
+    }
+  result["framework_efficiency"] = (
+    result["framework"]["tokens_per_second"] / result["minimal"]["tokens_per_second"]
+  )
   result["target_efficiency"] = 0.9
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
-  print(json.dumps({k: result[k] for k in ("framework", "minimal", "framework_efficiency")},
-                   indent=2))
+  print(
+    json.dumps({k: result[k] for k in ("framework", "minimal", "framework_efficiency")}, indent=2)
+  )
 
 
 if __name__ == "__main__":

@@ -27,16 +27,16 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = 300
-  c.batch_size = 16             # global, in packed sequences
+  c.batch_size = 16  # global, in packed sequences
   c.seq_len = 128
   c.checkpoint_every = 100
   c.eval_every = 100
-  c.eval_steps = 4              # held-out batches per evaluation
+  c.eval_steps = 4  # held-out batches per evaluation
   c.log_every = 25
   c.keep_checkpoints = 2
-  c.max_nonfinite_steps = 10    # this many skipped (NaN/Inf) steps in a row stop the run
-  c.init_from = ""              # another run's checkpoint dir or a Hugging Face model dir
-  c.profile_steps = ()          # (start, stop): jax.profiler trace of these steps
+  c.max_nonfinite_steps = 10  # this many skipped (NaN/Inf) steps in a row stop the run
+  c.init_from = ""  # another run's checkpoint dir or a Hugging Face model dir
+  c.profile_steps = ()  # (start, stop): jax.profiler trace of these steps
   # "sharded": each process reads its share of the documents (scales to pods);
   # "replicated": each process reads the whole global batch and keeps its rows, so the
   # batches do not depend on the process count (debugging, equivalence tests).
@@ -46,43 +46,47 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   # Logical parameter axis -> mesh axis (or a tuple of mesh axes, or None = replicated).
   c.logical_axis_rules = (
-      ("vocab", "tensor"),
-      ("embed", "fsdp"),
-      ("mlp", "tensor"),
-      ("q_heads", "tensor"),
-      ("kv_heads", "tensor"),
-      ("head_dim", None),
-      ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
   )
 
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = ml_collections.ConfigDict(
+    dict(
       kind="dense",
-      vocab_size=320,           # >= the byte tokenizer's 259
+      vocab_size=320,  # >= the byte tokenizer's 259
       dim=128,
       num_layers=4,
       num_heads=4,
       num_kv_heads=2,
       head_dim=32,
       mlp_dim=384,
-      dtype="bfloat16",         # compute; parameters and optimizer state stay float32
+      dtype="bfloat16",  # compute; parameters and optimizer state stay float32
       param_dtype="float32",
       remat="none",
       scan_layers=False,
       tie_embeddings=False,
-  ))
+    )
+  )
 
-  c.optimizer = ml_collections.ConfigDict(dict(
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
       learning_rate=3e-3,
-      schedule="cosine",        # cosine | linear | constant (after linear warmup)
+      schedule="cosine",  # cosine | linear | constant (after linear warmup)
       warmup_steps=30,
       min_learning_rate_ratio=0.1,
       weight_decay=0.1,
       b1=0.9,
       b2=0.95,
       eps=1e-8,
-      grad_clip_norm=1.0,       # 0 = no clipping
-      grad_accum_steps=1,       # micro-batches per step (lax.scan)
-  ))
+      grad_clip_norm=1.0,  # 0 = no clipping
+      grad_accum_steps=1,  # micro-batches per step (lax.scan)
+    )
+  )
 
   c.data = data_lib.default_data_config()
   c.lock()

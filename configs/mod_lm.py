@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.capacity = 0.125
     c.model.routed_every = 2
     c.model.routed_offset = 1
-    c.model.router_activation = "identity"   # paper: x + r·f(x) for the top-k tokens
+    c.model.router_activation = "identity"  # paper: x + r·f(x) for the top-k tokens
     c.model.decode_router = "predictor"
     c.model.router_loss_weight = 0.01
     c.model.predictor_loss_weight = 0.01

@@ -52,13 +52,13 @@ def _default_positions(batch: int, length: int) -> jax.Array:
 
 
 def visibility_mask(
-    q_positions_BS: jax.Array,
-    kv_positions_BT: jax.Array,
-    q_segment_ids_BS: jax.Array | None,
-    kv_segment_ids_BT: jax.Array | None,
-    *,
-    causal: bool,
-    sliding_window: int | None,
+  q_positions_BS: jax.Array,
+  kv_positions_BT: jax.Array,
+  q_segment_ids_BS: jax.Array | None,
+  kv_segment_ids_BT: jax.Array | None,
+  *,
+  causal: bool,
+  sliding_window: int | None,
 ) -> jax.Array:
   """Boolean [B, S, T]: True where query s may attend to key t."""
   b, s = q_positions_BS.shape
@@ -80,9 +80,9 @@ def _xla_attention(q_BSHD, k_BTKD, v_BTKD, mask_BST, scale):
   num_kv_heads = k_BTKD.shape[2]
   group = h // num_kv_heads
   q_BSKGD = q_BSHD.reshape(b, s, num_kv_heads, group, d)
-  logits_BKGST = jnp.einsum(
-      "bskgd,btkd->bkgst", q_BSKGD, k_BTKD,
-      preferred_element_type=jnp.float32) * scale
+  logits_BKGST = (
+    jnp.einsum("bskgd,btkd->bkgst", q_BSKGD, k_BTKD, preferred_element_type=jnp.float32) * scale
+  )
   mask_B11ST = mask_BST[:, None, None, :, :]
   # A finite "minus infinity" keeps fully masked rows free of NaNs; those rows
   # are zeroed explicitly below so every implementation agrees on them.
@@ -90,23 +90,30 @@ def _xla_attention(q_BSHD, k_BTKD, v_BTKD, mask_BST, scale):
   probs_BKGST = jax.nn.softmax(logits_BKGST, axis=-1)
   probs_BKGST = jnp.where(mask_B11ST, probs_BKGST, 0.0)
   out_BSKGD = jnp.einsum(
-      "bkgst,btkd->bskgd", probs_BKGST.astype(v_BTKD.dtype), v_BTKD,
-      preferred_element_type=jnp.float32)
+    "bkgst,btkd->bskgd",
+    probs_BKGST.astype(v_BTKD.dtype),
+    v_BTKD,
+    preferred_element_type=jnp.float32,
+  )
   return out_BSKGD.reshape(b, s, h, d).astype(q_BSHD.dtype)
 
 
 def _pallas_platform(pallas_platform: str | None, interpret: bool) -> str:
   if pallas_platform is not None:
     if pallas_platform not in PALLAS_PLATFORMS:
-      raise ValueError(f"attention pallas_platform={pallas_platform!r}; allowed: {PALLAS_PLATFORMS}")
+      raise ValueError(
+        f"attention pallas_platform={pallas_platform!r}; allowed: {PALLAS_PLATFORMS}"
+      )
     return pallas_platform
   backend = jax.default_backend()
   if backend in PALLAS_PLATFORMS:
     return backend
   if interpret:
-    return "gpu"   # the GPU kernels interpret much faster on CPU than the TPU ones
-  raise ValueError(f"attention impl='pallas' needs a TPU or GPU backend (backend is"
-                   f" {backend!r}); pass interpret=True to run the kernels on CPU")
+    return "gpu"  # the GPU kernels interpret much faster on CPU than the TPU ones
+  raise ValueError(
+    f"attention impl='pallas' needs a TPU or GPU backend (backend is"
+    f" {backend!r}); pass interpret=True to run the kernels on CPU"
+  )
 
 
 def _interpret_param(platform: str, interpret: bool):
@@ -115,6 +122,7 @@ def _interpret_param(platform: str, interpret: bool):
   if platform == "gpu":
     return True
   from jax.experimental.pallas import tpu as pltpu
+
   params = getattr(pltpu, "InterpretParams", None) or getattr(pltpu, "TPUInterpretParams")
   return params()
 
@@ -136,48 +144,86 @@ def _cudnn_attention(q_BSHD, k_BTKD, v_BTKD, *, causal, sliding_window, scale, c
   if not is_nvidia_gpu():
     raise ValueError(f"attention impl='cudnn' needs an NVIDIA GPU; devices are {jax.devices()}")
   if custom_mask:
-    raise ValueError("attention impl='cudnn' supports default positions without segment ids"
-                     " only; use impl='pallas' or 'xla' for packed or routed attention")
+    raise ValueError(
+      "attention impl='cudnn' supports default positions without segment ids"
+      " only; use impl='pallas' or 'xla' for packed or routed attention"
+    )
   window = None if sliding_window is None else (sliding_window - 1, 0)
   return jax.nn.dot_product_attention(
-      q_BSHD, k_BTKD, v_BTKD, scale=scale, is_causal=causal, local_window_size=window,
-      implementation="cudnn")
+    q_BSHD,
+    k_BTKD,
+    v_BTKD,
+    scale=scale,
+    is_causal=causal,
+    local_window_size=window,
+    implementation="cudnn",
+  )
 
 
-def pallas_attention(q_BSHD, k_BTKD, v_BTKD, q_pos_BS, kv_pos_BT, q_seg_BS, kv_seg_BT, *,
-                     causal, sliding_window, scale, platform, interpret=False, block_sizes=None):
+def pallas_attention(
+  q_BSHD,
+  k_BTKD,
+  v_BTKD,
+  q_pos_BS,
+  kv_pos_BT,
+  q_seg_BS,
+  kv_seg_BT,
+  *,
+  causal,
+  sliding_window,
+  scale,
+  platform,
+  interpret=False,
+  block_sizes=None,
+):
   """Flash attention kernels; returns (out [B, S, H, D], lse [B, H, S] float32).
 
   lse is -inf on rows with no visible key. Positions/segments are int [B, S] / [B, T].
   """
   d = q_BSHD.shape[-1]
-  blocks = fit(block_sizes or default_block_sizes(platform, d),
-               q_BSHD.shape[1], k_BTKD.shape[1], platform)
-  cfg = flash_common.FlashConfig(causal=causal, window=sliding_window, scale=float(scale),
-                                 blocks=blocks, interpret=_interpret_param(platform, interpret))
+  blocks = fit(
+    block_sizes or default_block_sizes(platform, d), q_BSHD.shape[1], k_BTKD.shape[1], platform
+  )
+  cfg = flash_common.FlashConfig(
+    causal=causal,
+    window=sliding_window,
+    scale=float(scale),
+    blocks=blocks,
+    interpret=_interpret_param(platform, interpret),
+  )
   module = flash_tpu if platform == "tpu" else flash_gpu
   d_pad = 0 if platform == "tpu" else max(16, 1 << (d - 1).bit_length()) - d
   return flash_common.flash_attention(
-      q_BSHD, k_BTKD, v_BTKD, q_pos_BS, kv_pos_BT, q_seg_BS, kv_seg_BT, cfg=cfg,
-      forward=module.forward, backward=module.backward, head_dim_pad=d_pad)
+    q_BSHD,
+    k_BTKD,
+    v_BTKD,
+    q_pos_BS,
+    kv_pos_BT,
+    q_seg_BS,
+    kv_seg_BT,
+    cfg=cfg,
+    forward=module.forward,
+    backward=module.backward,
+    head_dim_pad=d_pad,
+  )
 
 
 def attention(
-    q_BSHD: jax.Array,
-    k_BTKD: jax.Array,
-    v_BTKD: jax.Array,
-    *,
-    causal: bool,
-    segment_ids: jax.Array | None = None,
-    positions: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    kv_positions: jax.Array | None = None,
-    sliding_window: int | None = None,
-    scale: float | None = None,
-    impl: Impl = "auto",
-    interpret: bool = False,
-    block_sizes: BlockSizes | None = None,
-    pallas_platform: Literal["tpu", "gpu"] | None = None,
+  q_BSHD: jax.Array,
+  k_BTKD: jax.Array,
+  v_BTKD: jax.Array,
+  *,
+  causal: bool,
+  segment_ids: jax.Array | None = None,
+  positions: jax.Array | None = None,
+  kv_segment_ids: jax.Array | None = None,
+  kv_positions: jax.Array | None = None,
+  sliding_window: int | None = None,
+  scale: float | None = None,
+  impl: Impl = "auto",
+  interpret: bool = False,
+  block_sizes: BlockSizes | None = None,
+  pallas_platform: Literal["tpu", "gpu"] | None = None,
 ) -> jax.Array:
   """Scaled dot-product attention with GQA, causality by position and segments.
 
@@ -210,19 +256,27 @@ def attention(
   t, num_kv_heads = k_BTKD.shape[1], k_BTKD.shape[2]
   if k_BTKD.shape != v_BTKD.shape or k_BTKD.shape[0] != b or k_BTKD.shape[3] != d:
     raise ValueError(
-        f"attention: q {q_BSHD.shape}, k {k_BTKD.shape}, v {v_BTKD.shape} do not"
-        " fit [B, S, H, D], [B, T, K, D], [B, T, K, D]")
+      f"attention: q {q_BSHD.shape}, k {k_BTKD.shape}, v {v_BTKD.shape} do not"
+      " fit [B, S, H, D], [B, T, K, D], [B, T, K, D]"
+    )
   if h % num_kv_heads:
     raise ValueError(f"attention: {h} query heads not a multiple of {num_kv_heads} kv heads")
   if sliding_window is not None and sliding_window < 1:
     raise ValueError(f"attention sliding_window={sliding_window}; must be >= 1 or None")
   if (segment_ids is None) != (kv_segment_ids is None) and s != t:
     raise ValueError("attention: give both segment_ids and kv_segment_ids when S != T")
-  scale = d ** -0.5 if scale is None else scale
+  scale = d**-0.5 if scale is None else scale
   if impl == "cudnn":
     custom = any(x is not None for x in (segment_ids, positions, kv_segment_ids, kv_positions))
-    return _cudnn_attention(q_BSHD, k_BTKD, v_BTKD, causal=causal, scale=scale,
-                            sliding_window=sliding_window, custom_mask=custom)
+    return _cudnn_attention(
+      q_BSHD,
+      k_BTKD,
+      v_BTKD,
+      causal=causal,
+      scale=scale,
+      sliding_window=sliding_window,
+      custom_mask=custom,
+    )
   if positions is None:
     positions = _default_positions(b, s)
   if kv_positions is None:
@@ -235,21 +289,46 @@ def attention(
     if segment_ids is None:
       segment_ids, kv_segment_ids = jnp.zeros((b, s), jnp.int32), jnp.zeros((b, t), jnp.int32)
     out, _ = pallas_attention(
-        q_BSHD, k_BTKD, v_BTKD, positions, kv_positions, segment_ids, kv_segment_ids,
-        causal=causal, sliding_window=sliding_window, scale=scale,
-        platform=_pallas_platform(pallas_platform, interpret), interpret=interpret,
-        block_sizes=block_sizes)
+      q_BSHD,
+      k_BTKD,
+      v_BTKD,
+      positions,
+      kv_positions,
+      segment_ids,
+      kv_segment_ids,
+      causal=causal,
+      sliding_window=sliding_window,
+      scale=scale,
+      platform=_pallas_platform(pallas_platform, interpret),
+      interpret=interpret,
+      block_sizes=block_sizes,
+    )
     return out
   mask_BST = visibility_mask(
-      positions, kv_positions, segment_ids, kv_segment_ids,
-      causal=causal, sliding_window=sliding_window)
+    positions,
+    kv_positions,
+    segment_ids,
+    kv_segment_ids,
+    causal=causal,
+    sliding_window=sliding_window,
+  )
   if xla_few_queries.use_few_query_path(q_BSHD, k_BTKD):
     return xla_few_queries.few_query_attention(q_BSHD, k_BTKD, v_BTKD, mask_BST, scale)
   return _xla_attention(q_BSHD, k_BTKD, v_BTKD, mask_BST, scale)
 
 
-def routed_attention(q_BSHD, k_BSKD, v_BSKD, positions_BS, *, segment_ids=None,
-                     causal=True, sliding_window=None, scale=None, **kwargs):
+def routed_attention(
+  q_BSHD,
+  k_BSKD,
+  v_BSKD,
+  positions_BS,
+  *,
+  segment_ids=None,
+  causal=True,
+  sliding_window=None,
+  scale=None,
+  **kwargs,
+):
   """Attention among gathered (routed) tokens, causal by their original positions.
 
   Mixture-of-depths gathers the top-k tokens of a block; `positions_BS` are
@@ -257,15 +336,36 @@ def routed_attention(q_BSHD, k_BSKD, v_BSKD, positions_BS, *, segment_ids=None,
   routed block costs O(k^2) instead of O(S^2) and still masks like the dense
   block restricted to the selected tokens. Extra kwargs go to `attention`.
   """
-  return attention(q_BSHD, k_BSKD, v_BSKD, causal=causal, positions=positions_BS,
-                   kv_positions=positions_BS, segment_ids=segment_ids,
-                   sliding_window=sliding_window, scale=scale, **kwargs)
+  return attention(
+    q_BSHD,
+    k_BSKD,
+    v_BSKD,
+    causal=causal,
+    positions=positions_BS,
+    kv_positions=positions_BS,
+    segment_ids=segment_ids,
+    sliding_window=sliding_window,
+    scale=scale,
+    **kwargs,
+  )
 
 
-def decode_attention(q_BQHD, k_cache_BTKD, v_cache_BTKD, lengths_B, *, q_positions=None,
-                     causal=True, sliding_window=None, scale=None, impl: Impl = "auto",
-                     interpret=False, block_sizes=None, num_splits=None,
-                     pallas_platform=None):
+def decode_attention(
+  q_BQHD,
+  k_cache_BTKD,
+  v_cache_BTKD,
+  lengths_B,
+  *,
+  q_positions=None,
+  causal=True,
+  sliding_window=None,
+  scale=None,
+  impl: Impl = "auto",
+  interpret=False,
+  block_sizes=None,
+  num_splits=None,
+  pallas_platform=None,
+):
   """Few query tokens per row against a KV cache (split-K on TPU/GPU).
 
   Args:
@@ -285,12 +385,30 @@ def decode_attention(q_BQHD, k_cache_BTKD, v_cache_BTKD, lengths_B, *, q_positio
   nq, d = q_BQHD.shape[1], q_BQHD.shape[3]
   if q_positions is None:
     q_positions = lengths_B[:, None] - nq + jnp.arange(nq)[None, :]
-  scale = d ** -0.5 if scale is None else scale
+  scale = d**-0.5 if scale is None else scale
   if impl == "xla":
-    return xla_decode_attention(q_BQHD, k_cache_BTKD, v_cache_BTKD, lengths_B, q_positions,
-                                causal=causal, window=sliding_window, scale=scale)
+    return xla_decode_attention(
+      q_BQHD,
+      k_cache_BTKD,
+      v_cache_BTKD,
+      lengths_B,
+      q_positions,
+      causal=causal,
+      window=sliding_window,
+      scale=scale,
+    )
   platform = _pallas_platform(pallas_platform, interpret)
   return pallas_decode_attention(
-      q_BQHD, k_cache_BTKD, v_cache_BTKD, lengths_B, q_positions, causal=causal,
-      window=sliding_window, scale=scale, platform=platform, num_splits=num_splits,
-      block_sizes=block_sizes, interpret=_interpret_param(platform, interpret))
+    q_BQHD,
+    k_cache_BTKD,
+    v_cache_BTKD,
+    lengths_B,
+    q_positions,
+    causal=causal,
+    window=sliding_window,
+    scale=scale,
+    platform=platform,
+    num_splits=num_splits,
+    block_sizes=block_sizes,
+    interpret=_interpret_param(platform, interpret),
+  )

@@ -23,13 +23,14 @@ PLATFORMS = ("tpu", "gpu")
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tile lengths in tokens (queries or keys); all must be powers of two."""
+
   block_q: int
   block_kv: int
   block_q_bwd: int
   block_kv_bwd: int
   block_kv_decode: int = 128
-  num_warps: int = 4          # GPU only
-  num_stages: int = 2         # GPU only
+  num_warps: int = 4  # GPU only
+  num_stages: int = 2  # GPU only
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
@@ -41,12 +42,12 @@ class BlockSizes:
 # Per-backend defaults. TPU: large tiles amortise the ~0.35us per grid step.
 # GPU (H100-class, Triton): 128x64 forward tiles with 8 warps at head dim 128.
 _TABLE = {
-    ("tpu", 64): BlockSizes(512, 1024, 256, 512, block_kv_decode=512),
-    ("tpu", 128): BlockSizes(512, 512, 256, 256, block_kv_decode=512),
-    ("tpu", 256): BlockSizes(256, 512, 128, 256, block_kv_decode=256),
-    ("gpu", 64): BlockSizes(128, 64, 64, 64, block_kv_decode=64, num_warps=4, num_stages=3),
-    ("gpu", 128): BlockSizes(128, 64, 64, 64, block_kv_decode=64, num_warps=8, num_stages=2),
-    ("gpu", 256): BlockSizes(64, 32, 32, 32, block_kv_decode=32, num_warps=8, num_stages=2),
+  ("tpu", 64): BlockSizes(512, 1024, 256, 512, block_kv_decode=512),
+  ("tpu", 128): BlockSizes(512, 512, 256, 256, block_kv_decode=512),
+  ("tpu", 256): BlockSizes(256, 512, 128, 256, block_kv_decode=256),
+  ("gpu", 64): BlockSizes(128, 64, 64, 64, block_kv_decode=64, num_warps=4, num_stages=3),
+  ("gpu", 128): BlockSizes(128, 64, 64, 64, block_kv_decode=64, num_warps=8, num_stages=2),
+  ("gpu", 256): BlockSizes(64, 32, 32, 32, block_kv_decode=32, num_warps=8, num_stages=2),
 }
 
 
@@ -72,10 +73,10 @@ def _fit_one(block: int, length: int, platform: str) -> int:
 def fit(blocks: BlockSizes, q_len: int, kv_len: int, platform: str) -> BlockSizes:
   """Shrinks `blocks` for sequences shorter than a tile (backend alignment kept)."""
   return dataclasses.replace(
-      blocks,
-      block_q=_fit_one(blocks.block_q, q_len, platform),
-      block_kv=_fit_one(blocks.block_kv, kv_len, platform),
-      block_q_bwd=_fit_one(blocks.block_q_bwd, q_len, platform),
-      block_kv_bwd=_fit_one(blocks.block_kv_bwd, kv_len, platform),
-      block_kv_decode=_fit_one(blocks.block_kv_decode, kv_len, platform),
+    blocks,
+    block_q=_fit_one(blocks.block_q, q_len, platform),
+    block_kv=_fit_one(blocks.block_kv, kv_len, platform),
+    block_q_bwd=_fit_one(blocks.block_q_bwd, q_len, platform),
+    block_kv_bwd=_fit_one(blocks.block_kv_bwd, kv_len, platform),
+    block_kv_decode=_fit_one(blocks.block_kv_decode, kv_len, platform),
   )

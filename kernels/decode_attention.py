@@ -52,15 +52,24 @@ def _mask(q_pos, t, length, *, causal, window):
 def _online_softmax_step(q, k, v, mask, m, l, acc, scale):
   """One key tile of the online softmax; m, l [R, 1], acc [R, D] float32."""
   prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
-  s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
-                      preferred_element_type=jnp.float32) * scale
+  s = (
+    lax.dot_general(
+      q, k, (((1,), (1,)), ((), ())), precision=prec, preferred_element_type=jnp.float32
+    )
+    * scale
+  )
   s = jnp.where(mask, s, NEG_INF)
   m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
   alpha = jnp.exp(m - m_new)
   p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
   l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-  acc = alpha * acc + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                      precision=prec, preferred_element_type=jnp.float32)
+  acc = alpha * acc + lax.dot_general(
+    p.astype(v.dtype),
+    v,
+    (((1,), (0,)), ((), ())),
+    precision=prec,
+    preferred_element_type=jnp.float32,
+  )
   return m_new, l, acc
 
 
@@ -70,10 +79,26 @@ def _finish(m, l, acc):
   return acc / safe_l, jnp.where(seen, m + jnp.log(safe_l), -jnp.inf)
 
 
-def _gpu_kernel(lo_ref, hi_ref, len_ref, q_ref, q_pos_ref, k_ref, v_ref, o_ref, lse_ref,
-                *, scale, causal, window, bkv, chunk, splits):
+def _gpu_kernel(
+  lo_ref,
+  hi_ref,
+  len_ref,
+  q_ref,
+  q_pos_ref,
+  k_ref,
+  v_ref,
+  o_ref,
+  lse_ref,
+  *,
+  scale,
+  causal,
+  window,
+  bkv,
+  chunk,
+  splits,
+):
   b, split = pl.program_id(0), pl.program_id(2)
-  q = q_ref[...]                                            # [R, D]
+  q = q_ref[...]  # [R, D]
   q_pos = q_pos_ref[...][:, None]
   length = len_ref[b]
 
@@ -84,16 +109,40 @@ def _gpu_kernel(lo_ref, hi_ref, len_ref, q_ref, q_pos_ref, k_ref, v_ref, o_ref, 
     return _online_softmax_step(q, k_ref[keys, :], v_ref[keys, :], mask, *carry, scale)
 
   r, d = q.shape
-  init = (jnp.full((r, 1), NEG_INF, jnp.float32), jnp.zeros((r, 1), jnp.float32),
-          jnp.zeros((r, d), jnp.float32))
-  o, lse = _finish(*lax.fori_loop(lo_ref[b * splits + split], hi_ref[b * splits + split],
-                                  body, init))
+  init = (
+    jnp.full((r, 1), NEG_INF, jnp.float32),
+    jnp.zeros((r, 1), jnp.float32),
+    jnp.zeros((r, d), jnp.float32),
+  )
+  o, lse = _finish(
+    *lax.fori_loop(lo_ref[b * splits + split], hi_ref[b * splits + split], body, init)
+  )
   o_ref[...] = o
   lse_ref[...] = lse[:, 0]
 
 
-def _tpu_kernel(lo_ref, hi_ref, len_ref, q_ref, q_pos_ref, k_ref, v_ref, o_ref, lse_ref,
-                m_scr, l_scr, acc_scr, *, scale, causal, window, bkv, chunk, splits, head_dim):
+def _tpu_kernel(
+  lo_ref,
+  hi_ref,
+  len_ref,
+  q_ref,
+  q_pos_ref,
+  k_ref,
+  v_ref,
+  o_ref,
+  lse_ref,
+  m_scr,
+  l_scr,
+  acc_scr,
+  *,
+  scale,
+  causal,
+  window,
+  bkv,
+  chunk,
+  splits,
+  head_dim,
+):
   b, split, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   kv_heads = q_ref.shape[0]
 
@@ -109,8 +158,9 @@ def _tpu_kernel(lo_ref, hi_ref, len_ref, q_ref, q_pos_ref, k_ref, v_ref, o_ref, 
     mask = _mask(q_pos_ref[...], t, len_ref[b], causal=causal, window=window)
     for kh in range(kv_heads):
       cols = slice(kh * head_dim, (kh + 1) * head_dim)
-      m, l, acc = _online_softmax_step(q_ref[kh], k_ref[:, cols], v_ref[:, cols], mask,
-                                       m_scr[kh], l_scr[kh], acc_scr[kh], scale)
+      m, l, acc = _online_softmax_step(
+        q_ref[kh], k_ref[:, cols], v_ref[:, cols], mask, m_scr[kh], l_scr[kh], acc_scr[kh], scale
+      )
       m_scr[kh], l_scr[kh], acc_scr[kh] = m, l, acc
 
   @pl.when(j == pl.num_programs(2) - 1)
@@ -142,12 +192,25 @@ def _default_splits(platform, batch, kv_heads, kv_len, bkv):
   return max(1, min(want, tiles))
 
 
-def pallas_decode_attention(q_BQHD, k_BTKD, v_BTKD, lengths_B, q_pos_BQ, *, causal, window,
-                            scale, platform, num_splits=None, block_sizes=None, interpret=False):
+def pallas_decode_attention(
+  q_BQHD,
+  k_BTKD,
+  v_BTKD,
+  lengths_B,
+  q_pos_BQ,
+  *,
+  causal,
+  window,
+  scale,
+  platform,
+  num_splits=None,
+  block_sizes=None,
+  interpret=False,
+):
   """Split-K decode on `platform` ("tpu" | "gpu"); see the module docstring."""
   d_in = q_BQHD.shape[3]
   d_pad = 0 if platform == "tpu" else max(16, 1 << (d_in - 1).bit_length()) - d_in
-  if d_pad:   # Triton tiles are powers of two; zero columns change nothing
+  if d_pad:  # Triton tiles are powers of two; zero columns change nothing
     pad_d = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, d_pad),))
     q_BQHD, k_BTKD, v_BTKD = pad_d(q_BQHD), pad_d(k_BTKD), pad_d(v_BTKD)
   b, nq, h, d = q_BQHD.shape
@@ -161,51 +224,91 @@ def pallas_decode_attention(q_BQHD, k_BTKD, v_BTKD, lengths_B, q_pos_BQ, *, caus
   rows_pad = -(-rows // 8) * 8 if platform == "tpu" else max(16, 1 << (rows - 1).bit_length())
   # Pack row r = g * Q + i of kv head kh: query head kh * G + g, token i.
   q_BKRD = q_BQHD.reshape(b, nq, kv_heads, group, d).transpose(0, 2, 3, 1, 4)
-  q_BKRD = jnp.pad(q_BKRD.reshape(b, kv_heads, rows, d), ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
-  pos_BR = jnp.pad(jnp.tile(q_pos_BQ.astype(jnp.int32), (1, group)), ((0, 0), (0, rows_pad - rows)),
-                   constant_values=-1)
+  q_BKRD = jnp.pad(
+    q_BKRD.reshape(b, kv_heads, rows, d), ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0))
+  )
+  pos_BR = jnp.pad(
+    jnp.tile(q_pos_BQ.astype(jnp.int32), (1, group)),
+    ((0, 0), (0, rows_pad - rows)),
+    constant_values=-1,
+  )
   pad_t = ((0, 0), (0, splits * chunk - t), (0, 0), (0, 0))
   k, v = jnp.pad(k_BTKD, pad_t), jnp.pad(v_BTKD, pad_t)
-  lo, hi = _tile_ranges(q_pos_BQ, lengths_B.astype(jnp.int32), causal=causal, window=window,
-                        splits=splits, chunk=chunk, bkv=bkv)
+  lo, hi = _tile_ranges(
+    q_pos_BQ,
+    lengths_B.astype(jnp.int32),
+    causal=causal,
+    window=window,
+    splits=splits,
+    chunk=chunk,
+    bkv=bkv,
+  )
   static = dict(scale=scale, causal=causal, window=window, bkv=bkv, chunk=chunk, splits=splits)
-  out_shape = [jax.ShapeDtypeStruct((b, splits, kv_heads, rows_pad, d), jnp.float32),
-               jax.ShapeDtypeStruct((b, splits, kv_heads, rows_pad, 1), jnp.float32)]
+  out_shape = [
+    jax.ShapeDtypeStruct((b, splits, kv_heads, rows_pad, d), jnp.float32),
+    jax.ShapeDtypeStruct((b, splits, kv_heads, rows_pad, 1), jnp.float32),
+  ]
   if platform == "gpu":
     o_part, lse_part = pl.pallas_call(
-        functools.partial(_gpu_kernel, **static),
-        grid=(b, kv_heads, splits),
-        in_specs=[pl.BlockSpec((b * splits,), lambda *_: (0,))] * 2 + [
-            pl.BlockSpec((b,), lambda *_: (0,)),
-            pl.BlockSpec((None, None, rows_pad, d), lambda b_, kh, s: (b_, kh, 0, 0)),
-            pl.BlockSpec((None, rows_pad), lambda b_, kh, s: (b_, 0))]
-        + [pl.BlockSpec((None, chunk, None, d), lambda b_, kh, s: (b_, s, kh, 0))] * 2,
-        out_specs=[pl.BlockSpec((None, None, None, rows_pad, d), lambda b_, kh, s: (b_, s, kh, 0, 0)),
-                   pl.BlockSpec((None, None, None, rows_pad, None), lambda b_, kh, s: (b_, s, kh, 0, 0))],
-        out_shape=out_shape,
-        compiler_params=_GPUParams(num_warps=4, num_stages=2),
-        interpret=interpret, name="decode_attention_gpu",
+      functools.partial(_gpu_kernel, **static),
+      grid=(b, kv_heads, splits),
+      in_specs=[pl.BlockSpec((b * splits,), lambda *_: (0,))] * 2
+      + [
+        pl.BlockSpec((b,), lambda *_: (0,)),
+        pl.BlockSpec((None, None, rows_pad, d), lambda b_, kh, s: (b_, kh, 0, 0)),
+        pl.BlockSpec((None, rows_pad), lambda b_, kh, s: (b_, 0)),
+      ]
+      + [pl.BlockSpec((None, chunk, None, d), lambda b_, kh, s: (b_, s, kh, 0))] * 2,
+      out_specs=[
+        pl.BlockSpec((None, None, None, rows_pad, d), lambda b_, kh, s: (b_, s, kh, 0, 0)),
+        pl.BlockSpec((None, None, None, rows_pad, None), lambda b_, kh, s: (b_, s, kh, 0, 0)),
+      ],
+      out_shape=out_shape,
+      compiler_params=_GPUParams(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name="decode_attention_gpu",
     )(lo, hi, lengths_B.astype(jnp.int32), q_BKRD, pos_BR, k, v)
   else:
     tiles = chunk // bkv
-    kv_spec = pl.BlockSpec((None, bkv, kv_heads * d), lambda b_, s, j, lo_, hi_, len_: (
-        b_, s * tiles + jnp.maximum(jnp.minimum(j, hi_[b_ * splits + s] - 1), lo_[b_ * splits + s]), 0))
+    kv_spec = pl.BlockSpec(
+      (None, bkv, kv_heads * d),
+      lambda b_, s, j, lo_, hi_, len_: (
+        b_,
+        s * tiles + jnp.maximum(jnp.minimum(j, hi_[b_ * splits + s] - 1), lo_[b_ * splits + s]),
+        0,
+      ),
+    )
     o_part, lse_part = pl.pallas_call(
-        functools.partial(_tpu_kernel, head_dim=d, **static),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3, grid=(b, splits, tiles),
-            in_specs=[pl.BlockSpec((None, kv_heads, rows_pad, d), lambda b_, *_: (b_, 0, 0, 0)),
-                      pl.BlockSpec((None, rows_pad, 1), lambda b_, *_: (b_, 0, 0)),
-                      kv_spec, kv_spec],
-            out_specs=[pl.BlockSpec((None, None, kv_heads, rows_pad, d), lambda b_, s, *_: (b_, s, 0, 0, 0)),
-                       pl.BlockSpec((None, None, kv_heads, rows_pad, 1), lambda b_, s, *_: (b_, s, 0, 0, 0))],
-            scratch_shapes=[pltpu.VMEM((kv_heads, rows_pad, 1), jnp.float32)] * 2
-            + [pltpu.VMEM((kv_heads, rows_pad, d), jnp.float32)]),
-        out_shape=out_shape,
-        compiler_params=_TPUParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret, name="decode_attention_tpu",
-    )(lo, hi, lengths_B.astype(jnp.int32), q_BKRD, pos_BR[:, :, None],
-      k.reshape(b, -1, kv_heads * d), v.reshape(b, -1, kv_heads * d))
+      functools.partial(_tpu_kernel, head_dim=d, **static),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=3,
+        grid=(b, splits, tiles),
+        in_specs=[
+          pl.BlockSpec((None, kv_heads, rows_pad, d), lambda b_, *_: (b_, 0, 0, 0)),
+          pl.BlockSpec((None, rows_pad, 1), lambda b_, *_: (b_, 0, 0)),
+          kv_spec,
+          kv_spec,
+        ],
+        out_specs=[
+          pl.BlockSpec((None, None, kv_heads, rows_pad, d), lambda b_, s, *_: (b_, s, 0, 0, 0)),
+          pl.BlockSpec((None, None, kv_heads, rows_pad, 1), lambda b_, s, *_: (b_, s, 0, 0, 0)),
+        ],
+        scratch_shapes=[pltpu.VMEM((kv_heads, rows_pad, 1), jnp.float32)] * 2
+        + [pltpu.VMEM((kv_heads, rows_pad, d), jnp.float32)],
+      ),
+      out_shape=out_shape,
+      compiler_params=_TPUParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="decode_attention_tpu",
+    )(
+      lo,
+      hi,
+      lengths_B.astype(jnp.int32),
+      q_BKRD,
+      pos_BR[:, :, None],
+      k.reshape(b, -1, kv_heads * d),
+      v.reshape(b, -1, kv_heads * d),
+    )
   out_BKRD = combine_splits(o_part, lse_part[..., 0])[:, :, :rows]
   out = out_BKRD.reshape(b, kv_heads, group, nq, d).transpose(0, 3, 1, 2, 4)
   return out.reshape(b, nq, h, d)[..., :d_in].astype(q_BQHD.dtype)
@@ -214,7 +317,7 @@ def pallas_decode_attention(q_BQHD, k_BTKD, v_BTKD, lengths_B, q_pos_BQ, *, caus
 def combine_splits(o_BNKRD, lse_BNKR):
   """Merges per-split partial outputs [B, N, K, R, D] by their lse -> [B, K, R, D]."""
   m = jnp.max(lse_BNKR, axis=1, keepdims=True)
-  weight = jnp.exp(lse_BNKR - jnp.where(jnp.isfinite(m), m, 0.0))   # -inf -> 0
+  weight = jnp.exp(lse_BNKR - jnp.where(jnp.isfinite(m), m, 0.0))  # -inf -> 0
   total = jnp.sum(weight, axis=1)
   out = jnp.sum(weight[..., None] * o_BNKRD, axis=1)
   return out / jnp.where(total > 0, total, 1.0)[..., None]
@@ -226,11 +329,17 @@ def xla_decode_attention(q_BQHD, k_BTKD, v_BTKD, lengths_B, q_pos_BQ, *, causal,
   t, kv_heads = k_BTKD.shape[1], k_BTKD.shape[2]
   q = q_BQHD.reshape(b, nq, kv_heads, h // kv_heads, d)
   s = jnp.einsum("bqkgd,btkd->bkgqt", q, k_BTKD, preferred_element_type=jnp.float32) * scale
-  mask = _mask(q_pos_BQ[:, :, None], jnp.arange(t)[None, None, :], lengths_B[:, None, None],
-               causal=causal, window=window)[:, None, None]
+  mask = _mask(
+    q_pos_BQ[:, :, None],
+    jnp.arange(t)[None, None, :],
+    lengths_B[:, None, None],
+    causal=causal,
+    window=window,
+  )[:, None, None]
   s = jnp.where(mask, s, NEG_INF)
   p = jnp.where(mask, jnp.exp(s - jnp.max(s, axis=-1, keepdims=True)), 0.0)
   p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
-  out = jnp.einsum("bkgqt,btkd->bqkgd", p.astype(v_BTKD.dtype), v_BTKD,
-                   preferred_element_type=jnp.float32)
+  out = jnp.einsum(
+    "bkgqt,btkd->bqkgd", p.astype(v_BTKD.dtype), v_BTKD, preferred_element_type=jnp.float32
+  )
   return out.reshape(b, nq, h, d).astype(q_BQHD.dtype)

@@ -38,6 +38,7 @@ _BIG = 1 << 30
 @dataclasses.dataclass(frozen=True)
 class FlashConfig:
   """Static parameters of one flash-attention call (hashable)."""
+
   causal: bool
   window: int | None
   scale: float
@@ -72,8 +73,7 @@ def _first_last(possible_BXY):
   any_ = jnp.any(possible_BXY, axis=-1)
   first = jnp.argmax(possible_BXY, axis=-1)
   last = n - jnp.argmax(possible_BXY[..., ::-1], axis=-1)
-  return (jnp.where(any_, first, 0).astype(jnp.int32),
-          jnp.where(any_, last, 0).astype(jnp.int32))
+  return (jnp.where(any_, first, 0).astype(jnp.int32), jnp.where(any_, last, 0).astype(jnp.int32))
 
 
 def block_ranges(ids, block_q: int, block_kv: int, *, causal, window):
@@ -89,8 +89,8 @@ def block_ranges(ids, block_q: int, block_kv: int, *, causal, window):
   q_pos, kv_pos, q_seg, kv_seg = ids
   qa, qp0, qp1, qs0, qs1 = _tile_stats(q_pos, q_seg, Q_PAD, block_q)
   ka, kp0, kp1, ks0, ks1 = _tile_stats(kv_pos, kv_seg, KV_PAD, block_kv)
-  e = lambda x: x[:, :, None]   # query tile axis
-  f = lambda x: x[:, None, :]   # key tile axis
+  e = lambda x: x[:, :, None]  # query tile axis
+  f = lambda x: x[:, None, :]  # key tile axis
   possible = e(qa) & f(ka) & (e(qs0) <= f(ks1)) & (f(ks0) <= e(qs1))
   if causal:
     possible &= f(kp0) <= e(qp1)
@@ -132,9 +132,18 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 def flash_attention(
-    q_BSHD, k_BTKD, v_BTKD, q_pos_BS, kv_pos_BT, q_seg_BS, kv_seg_BT, *,
-    cfg: FlashConfig, forward: Callable, backward: Callable,
-    head_dim_pad: int = 0,
+  q_BSHD,
+  k_BTKD,
+  v_BTKD,
+  q_pos_BS,
+  kv_pos_BT,
+  q_seg_BS,
+  kv_seg_BT,
+  *,
+  cfg: FlashConfig,
+  forward: Callable,
+  backward: Callable,
+  head_dim_pad: int = 0,
 ):
   """Pads to whole tiles, runs the kernels under custom_vjp, slices back.
 
@@ -154,8 +163,13 @@ def flash_attention(
   k = pad(k_BTKD, t_pad - t, d_pad - d)
   v = pad(v_BTKD, t_pad - t, d_pad - d)
   pad_ids = lambda x, n, value: jnp.pad(
-      x.astype(jnp.int32), ((0, 0), (0, n)), constant_values=value)
-  ids = (pad_ids(q_pos_BS, s_pad - s, 0), pad_ids(kv_pos_BT, t_pad - t, 0),
-         pad_ids(q_seg_BS, s_pad - s, Q_PAD), pad_ids(kv_seg_BT, t_pad - t, KV_PAD))
+    x.astype(jnp.int32), ((0, 0), (0, n)), constant_values=value
+  )
+  ids = (
+    pad_ids(q_pos_BS, s_pad - s, 0),
+    pad_ids(kv_pos_BT, t_pad - t, 0),
+    pad_ids(q_seg_BS, s_pad - s, Q_PAD),
+    pad_ids(kv_seg_BT, t_pad - t, KV_PAD),
+  )
   o, lse = _flash_core(forward, backward, cfg, q, k, v, ids)
   return o[:, :s, :, :d], lse[:, :, :s]

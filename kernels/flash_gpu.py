@@ -41,20 +41,39 @@ def _dot_nn(a, b):
   return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _forward_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref,
-                    kv_pos_ref, kv_seg_ref, o_ref, lse_ref, *, cfg):
+def _forward_kernel(
+  kv_lo_ref,
+  kv_hi_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  q_pos_ref,
+  q_seg_ref,
+  kv_pos_ref,
+  kv_seg_ref,
+  o_ref,
+  lse_ref,
+  *,
+  cfg,
+):
   i = pl.program_id(0)
   bkv = cfg.blocks.block_kv
-  q = q_ref[...]                                    # [bq, D]
+  q = q_ref[...]  # [bq, D]
   q_pos, q_seg = q_pos_ref[...][:, None], q_seg_ref[...][:, None]
   bq, d = q.shape
 
   def body(j, carry):
     acc, m, l = carry
     keys = pl.ds(j * bkv, bkv)
-    s = _dot_nt(q, k_ref[keys, :]) * cfg.scale      # [bq, bkv]
-    mask = visible(q_pos, kv_pos_ref[keys][None, :], q_seg, kv_seg_ref[keys][None, :],
-                   causal=cfg.causal, window=cfg.window)
+    s = _dot_nt(q, k_ref[keys, :]) * cfg.scale  # [bq, bkv]
+    mask = visible(
+      q_pos,
+      kv_pos_ref[keys][None, :],
+      q_seg,
+      kv_seg_ref[keys][None, :],
+      causal=cfg.causal,
+      window=cfg.window,
+    )
     s = jnp.where(mask, s, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp(m - m_new)
@@ -64,19 +83,37 @@ def _forward_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_
     acc = acc * alpha[:, None] + _dot_nn(p.astype(v.dtype), v)
     return acc, m_new, l
 
-  init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), NEG_INF, jnp.float32),
-          jnp.zeros((bq,), jnp.float32))
+  init = (
+    jnp.zeros((bq, d), jnp.float32),
+    jnp.full((bq,), NEG_INF, jnp.float32),
+    jnp.zeros((bq,), jnp.float32),
+  )
   acc, m, l = lax.fori_loop(kv_lo_ref[i], kv_hi_ref[i], body, init)
   seen = l > 0.0
   o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
 
-def _dq_kernel(kv_lo_ref, kv_hi_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref,
-               q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, dq_ref, *, cfg):
+def _dq_kernel(
+  kv_lo_ref,
+  kv_hi_ref,
+  q_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  k_ref,
+  v_ref,
+  q_pos_ref,
+  q_seg_ref,
+  kv_pos_ref,
+  kv_seg_ref,
+  dq_ref,
+  *,
+  cfg,
+):
   i = pl.program_id(0)
   bkv = cfg.blocks.block_kv_bwd
-  q, do = q_ref[...], do_ref[...]                   # [bq, D]
+  q, do = q_ref[...], do_ref[...]  # [bq, D]
   lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
   q_pos, q_seg = q_pos_ref[...][:, None], q_seg_ref[...][:, None]
 
@@ -84,8 +121,14 @@ def _dq_kernel(kv_lo_ref, kv_hi_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v
     keys = pl.ds(j * bkv, bkv)
     k = k_ref[keys, :]
     s = _dot_nt(q, k) * cfg.scale
-    mask = visible(q_pos, kv_pos_ref[keys][None, :], q_seg, kv_seg_ref[keys][None, :],
-                   causal=cfg.causal, window=cfg.window)
+    mask = visible(
+      q_pos,
+      kv_pos_ref[keys][None, :],
+      q_seg,
+      kv_seg_ref[keys][None, :],
+      causal=cfg.causal,
+      window=cfg.window,
+    )
     p = jnp.where(mask, jnp.exp(s - lse), 0.0)
     ds = p * (_dot_nt(do, v_ref[keys, :]) - delta)
     return dq + _dot_nn(ds.astype(k.dtype), k)
@@ -94,23 +137,47 @@ def _dq_kernel(kv_lo_ref, kv_hi_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_lo_ref, q_hi_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref,
-                q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, dk_ref, dv_ref, *,
-                cfg, groups, head_dim, q_len):
+def _dkv_kernel(
+  q_lo_ref,
+  q_hi_ref,
+  q_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  k_ref,
+  v_ref,
+  q_pos_ref,
+  q_seg_ref,
+  kv_pos_ref,
+  kv_seg_ref,
+  dk_ref,
+  dv_ref,
+  *,
+  cfg,
+  groups,
+  head_dim,
+  q_len,
+):
   j = pl.program_id(0)
   bq = cfg.blocks.block_q_bwd
-  k, v = k_ref[...], v_ref[...]                     # [bkv, D]
+  k, v = k_ref[...], v_ref[...]  # [bkv, D]
   kv_pos, kv_seg = kv_pos_ref[...][:, None], kv_seg_ref[...][:, None]
 
   def body(g, i, carry):
     dk, dv = carry
     rows, cols = pl.ds(i * bq, bq), pl.ds(g * head_dim, head_dim)
-    q, do = q_ref[rows, cols], do_ref[rows, cols]   # [bq, D]
+    q, do = q_ref[rows, cols], do_ref[rows, cols]  # [bq, D]
     lse = lse_ref[pl.ds(g * q_len + i * bq, bq)][None, :]
     delta = delta_ref[pl.ds(g * q_len + i * bq, bq)][None, :]
-    s_t = _dot_nt(k, q) * cfg.scale                 # [bkv, bq]
-    mask_t = visible(q_pos_ref[rows][None, :], kv_pos, q_seg_ref[rows][None, :], kv_seg,
-                     causal=cfg.causal, window=cfg.window)
+    s_t = _dot_nt(k, q) * cfg.scale  # [bkv, bq]
+    mask_t = visible(
+      q_pos_ref[rows][None, :],
+      kv_pos,
+      q_seg_ref[rows][None, :],
+      kv_seg,
+      causal=cfg.causal,
+      window=cfg.window,
+    )
     p_t = jnp.where(mask_t, jnp.exp(s_t - lse), 0.0)
     dv = dv + _dot_nn(p_t.astype(do.dtype), do)
     ds_t = p_t * (_dot_nt(v, do) - delta)
@@ -150,13 +217,17 @@ def forward(q, k, v, ids, cfg):
   kv_spec = pl.BlockSpec((None, t, None, d), lambda i, b_, h_: (b_, 0, h_ // group, 0))
   ids_specs = _ids_specs((bq, lambda i, b_, h_: (b_, i)), (t, lambda i, b_, h_: (b_, 0)))
   return pl.pallas_call(
-      functools.partial(_forward_kernel, cfg=cfg),
-      grid=(nq, b, h),
-      in_specs=[range_spec, range_spec, q_spec, kv_spec, kv_spec] + ids_specs,
-      out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i))],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
-      compiler_params=_params(cfg), interpret=cfg.interpret, name="flash_fwd_gpu",
+    functools.partial(_forward_kernel, cfg=cfg),
+    grid=(nq, b, h),
+    in_specs=[range_spec, range_spec, q_spec, kv_spec, kv_spec] + ids_specs,
+    out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i))],
+    out_shape=[
+      jax.ShapeDtypeStruct(q.shape, q.dtype),
+      jax.ShapeDtypeStruct((b, h, s), jnp.float32),
+    ],
+    compiler_params=_params(cfg),
+    interpret=cfg.interpret,
+    name="flash_fwd_gpu",
   )(kv_lo, kv_hi, q, k, v, q_pos, q_seg, kv_pos, kv_seg)
 
 
@@ -175,14 +246,16 @@ def backward(q, k, v, ids, o, lse, do, dlse, cfg):
   kv_spec = pl.BlockSpec((None, t, None, d), lambda i, b_, h_: (b_, 0, h_ // group, 0))
   row_spec = pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i))
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, cfg=cfg),
-      grid=(nq, b, h),
-      in_specs=[pl.BlockSpec((None, nq), lambda i, b_, h_: (b_, 0))] * 2
-      + [q_spec, q_spec, row_spec, row_spec, kv_spec, kv_spec]
-      + _ids_specs((bq, lambda i, b_, h_: (b_, i)), (t, lambda i, b_, h_: (b_, 0))),
-      out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_params(cfg), interpret=cfg.interpret, name="flash_dq_gpu",
+    functools.partial(_dq_kernel, cfg=cfg),
+    grid=(nq, b, h),
+    in_specs=[pl.BlockSpec((None, nq), lambda i, b_, h_: (b_, 0))] * 2
+    + [q_spec, q_spec, row_spec, row_spec, kv_spec, kv_spec]
+    + _ids_specs((bq, lambda i, b_, h_: (b_, i)), (t, lambda i, b_, h_: (b_, 0))),
+    out_specs=q_spec,
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    compiler_params=_params(cfg),
+    interpret=cfg.interpret,
+    name="flash_dq_gpu",
   )(kv_lo, kv_hi, q, do, lse, delta, k, v, q_pos, q_seg, kv_pos, kv_seg)
 
   # View a kv head's query heads as one [S, group*D] block (free reshapes).
@@ -194,13 +267,15 @@ def backward(q, k, v, ids, o, lse, do, dlse, cfg):
   grp_row_spec = pl.BlockSpec((None, None, group * s), lambda j, b_, k_: (b_, k_, 0))
   kv_tile_spec = pl.BlockSpec((None, bkv, None, d), lambda j, b_, k_: (b_, j, k_, 0))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, cfg=cfg, groups=group, head_dim=d, q_len=s),
-      grid=(nk, b, kv_heads),
-      in_specs=[pl.BlockSpec((None, nk), lambda j, b_, k_: (b_, 0))] * 2
-      + [grp_spec, grp_spec, grp_row_spec, grp_row_spec, kv_tile_spec, kv_tile_spec]
-      + _ids_specs((s, lambda j, b_, k_: (b_, 0)), (bkv, lambda j, b_, k_: (b_, j))),
-      out_specs=[kv_tile_spec, kv_tile_spec],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_params(cfg), interpret=cfg.interpret, name="flash_dkv_gpu",
+    functools.partial(_dkv_kernel, cfg=cfg, groups=group, head_dim=d, q_len=s),
+    grid=(nk, b, kv_heads),
+    in_specs=[pl.BlockSpec((None, nk), lambda j, b_, k_: (b_, 0))] * 2
+    + [grp_spec, grp_spec, grp_row_spec, grp_row_spec, kv_tile_spec, kv_tile_spec]
+    + _ids_specs((s, lambda j, b_, k_: (b_, 0)), (bkv, lambda j, b_, k_: (b_, j))),
+    out_specs=[kv_tile_spec, kv_tile_spec],
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    compiler_params=_params(cfg),
+    interpret=cfg.interpret,
+    name="flash_dkv_gpu",
   )(q_lo, q_hi, q_grp, do_grp, lse_grp, delta_grp, k, v, q_pos, q_seg, kv_pos, kv_seg)
   return dq, dk, dv

@@ -44,14 +44,24 @@ def _precision(dtype):
 
 def _dot_nt(a, b):
   """a [m, d] @ b [n, d]^T in float32."""
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(a.dtype),
-                         preferred_element_type=jnp.float32)
+  return lax.dot_general(
+    a,
+    b,
+    (((1,), (1,)), ((), ())),
+    precision=_precision(a.dtype),
+    preferred_element_type=jnp.float32,
+  )
 
 
 def _dot_nn(a, b):
   """a [m, n] @ b [n, d] in float32."""
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_precision(a.dtype),
-                         preferred_element_type=jnp.float32)
+  return lax.dot_general(
+    a,
+    b,
+    (((1,), (0,)), ((), ())),
+    precision=_precision(a.dtype),
+    preferred_element_type=jnp.float32,
+  )
 
 
 def _clamp(x, lo, hi):
@@ -59,9 +69,26 @@ def _clamp(x, lo, hi):
   return jnp.maximum(jnp.minimum(x, hi - 1), lo)
 
 
-def _forward_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref,
-                    kv_pos_ref, kv_seg_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *,
-                    cfg, nq, nk):
+def _forward_kernel(
+  kv_lo_ref,
+  kv_hi_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  q_pos_ref,
+  q_seg_ref,
+  kv_pos_ref,
+  kv_seg_ref,
+  o_ref,
+  lse_ref,
+  m_scr,
+  l_scr,
+  acc_scr,
+  *,
+  cfg,
+  nq,
+  nk,
+):
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
   @pl.when(j == 0)
@@ -72,11 +99,17 @@ def _forward_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_
 
   @pl.when((j >= kv_lo_ref[b * nq + i]) & (j < kv_hi_ref[b * nq + i]))
   def _step():
-    s = _dot_nt(q_ref[...], k_ref[...]) * cfg.scale           # [bq, bkv]
-    mask = visible(q_pos_ref[...], kv_pos_ref[...], q_seg_ref[...], kv_seg_ref[...],
-                   causal=cfg.causal, window=cfg.window)
+    s = _dot_nt(q_ref[...], k_ref[...]) * cfg.scale  # [bq, bkv]
+    mask = visible(
+      q_pos_ref[...],
+      kv_pos_ref[...],
+      q_seg_ref[...],
+      kv_seg_ref[...],
+      causal=cfg.causal,
+      window=cfg.window,
+    )
     s = jnp.where(mask, s, NEG_INF)
-    m_prev = m_scr[...]                                       # [bq, 1]
+    m_prev = m_scr[...]  # [bq, 1]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     alpha = jnp.exp(m_prev - m_new)
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
@@ -93,8 +126,26 @@ def _forward_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_
     lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(safe_l), -jnp.inf)
 
 
-def _dq_kernel(kv_lo_ref, kv_hi_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref,
-               q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, dq_ref, dq_scr, *, cfg, nq, nk):
+def _dq_kernel(
+  kv_lo_ref,
+  kv_hi_ref,
+  q_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  k_ref,
+  v_ref,
+  q_pos_ref,
+  q_seg_ref,
+  kv_pos_ref,
+  kv_seg_ref,
+  dq_ref,
+  dq_scr,
+  *,
+  cfg,
+  nq,
+  nk,
+):
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
   @pl.when(j == 0)
@@ -104,9 +155,15 @@ def _dq_kernel(kv_lo_ref, kv_hi_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v
   @pl.when((j >= kv_lo_ref[b * nq + i]) & (j < kv_hi_ref[b * nq + i]))
   def _step():
     k = k_ref[...]
-    s = _dot_nt(q_ref[...], k) * cfg.scale                    # [bq, bkv]
-    mask = visible(q_pos_ref[...], kv_pos_ref[...], q_seg_ref[...], kv_seg_ref[...],
-                   causal=cfg.causal, window=cfg.window)
+    s = _dot_nt(q_ref[...], k) * cfg.scale  # [bq, bkv]
+    mask = visible(
+      q_pos_ref[...],
+      kv_pos_ref[...],
+      q_seg_ref[...],
+      kv_seg_ref[...],
+      causal=cfg.causal,
+      window=cfg.window,
+    )
     p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
     ds = p * (_dot_nt(do_ref[...], v_ref[...]) - delta_ref[...])
     dq_scr[...] += _dot_nn(ds.astype(k.dtype), k)
@@ -116,9 +173,29 @@ def _dq_kernel(kv_lo_ref, kv_hi_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v
     dq_ref[...] = (dq_scr[...] * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_lo_ref, q_hi_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref,
-                q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, dk_ref, dv_ref, dk_scr, dv_scr,
-                *, cfg, nk, nq, groups):
+def _dkv_kernel(
+  q_lo_ref,
+  q_hi_ref,
+  q_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  k_ref,
+  v_ref,
+  q_pos_ref,
+  q_seg_ref,
+  kv_pos_ref,
+  kv_seg_ref,
+  dk_ref,
+  dv_ref,
+  dk_scr,
+  dv_scr,
+  *,
+  cfg,
+  nk,
+  nq,
+  groups,
+):
   b, j, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
 
   @pl.when((g == 0) & (i == 0))
@@ -128,10 +205,16 @@ def _dkv_kernel(q_lo_ref, q_hi_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_
 
   @pl.when((i >= q_lo_ref[b * nk + j]) & (i < q_hi_ref[b * nk + j]))
   def _step():
-    q, do = q_ref[...], do_ref[...]                           # [bq, D]
-    s_t = _dot_nt(k_ref[...], q) * cfg.scale                  # [bkv, bq]
-    mask_t = visible(q_pos_ref[...], kv_pos_ref[...], q_seg_ref[...], kv_seg_ref[...],
-                     causal=cfg.causal, window=cfg.window)
+    q, do = q_ref[...], do_ref[...]  # [bq, D]
+    s_t = _dot_nt(k_ref[...], q) * cfg.scale  # [bkv, bq]
+    mask_t = visible(
+      q_pos_ref[...],
+      kv_pos_ref[...],
+      q_seg_ref[...],
+      kv_seg_ref[...],
+      causal=cfg.causal,
+      window=cfg.window,
+    )
     p_t = jnp.where(mask_t, jnp.exp(s_t - lse_ref[...]), 0.0)
     dv_scr[...] += _dot_nn(p_t.astype(do.dtype), do)
     ds_t = p_t * (_dot_nt(v_ref[...], do) - delta_ref[...])
@@ -185,25 +268,36 @@ def _head_major_index(b, n, r):
 
 def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch, semantics, cfg, name):
   return pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2, grid=grid, in_specs=in_specs, out_specs=out_specs,
-          scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for shape in scratch]),
-      out_shape=out_shape,
-      compiler_params=_CompilerParams(dimension_semantics=semantics),
-      interpret=cfg.interpret, name=name)
+    kernel,
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2,
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=out_specs,
+      scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for shape in scratch],
+    ),
+    out_shape=out_shape,
+    compiler_params=_CompilerParams(dimension_semantics=semantics),
+    interpret=cfg.interpret,
+    name=name,
+  )
 
 
 def _query_major_specs(layout, bq, bkv, group, nq):
   """Specs for grids (b, h, i, j): q-like tiles, kv tiles (clamped), lse col, id col/rows."""
+
   def kv_block(b, i, j, lo, hi):
     return _clamp(j, lo[b * nq + i], hi[b * nq + i])
+
   q_spec = layout.tile(bq, lambda b, h, i, j, lo, hi: (b, h, i))
-  kv_spec = layout.tile(bkv, lambda b, h, i, j, lo, hi: (b, lax.div(h, group), kv_block(b, i, j, lo, hi)))
+  kv_spec = layout.tile(
+    bkv, lambda b, h, i, j, lo, hi: (b, lax.div(h, group), kv_block(b, i, j, lo, hi))
+  )
   col_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, lo, hi: (b, h, i, 0))
   q_id_spec = pl.BlockSpec((None, bq, 1), lambda b, h, i, j, lo, hi: (b, i, 0))
-  kv_id_spec = pl.BlockSpec((None, 1, bkv),
-                            lambda b, h, i, j, lo, hi: (b, 0, kv_block(b, i, j, lo, hi)))
+  kv_id_spec = pl.BlockSpec(
+    (None, 1, bkv), lambda b, h, i, j, lo, hi: (b, 0, kv_block(b, i, j, lo, hi))
+  )
   return q_spec, col_spec, kv_spec, [q_id_spec, q_id_spec, kv_id_spec, kv_id_spec]
 
 
@@ -218,15 +312,26 @@ def forward(q, k, v, ids, cfg):
   layout = _Layout(d)
   q_spec, col_spec, kv_spec, id_specs = _query_major_specs(layout, bq, bkv, h // kv_heads, nq)
   o, lse = _call(
-      functools.partial(_forward_kernel, cfg=cfg, nq=nq, nk=nk),
-      grid=(b, h, nq, nk), in_specs=[q_spec, kv_spec, kv_spec] + id_specs,
-      out_specs=[q_spec, col_spec],
-      out_shape=[layout.shape(b, s, h, q.dtype), jax.ShapeDtypeStruct((b, h, s, 1), jnp.float32)],
-      scratch=[(bq, 1), (bq, 1), (bq, d)], cfg=cfg, name="flash_fwd_tpu",
-      semantics=(_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY),
-  )(kv_lo.reshape(-1), kv_hi.reshape(-1), layout.to_kernel(q), layout.to_kernel(k),
-    layout.to_kernel(v), q_pos[:, :, None], q_seg[:, :, None], kv_pos[:, None, :],
-    kv_seg[:, None, :])
+    functools.partial(_forward_kernel, cfg=cfg, nq=nq, nk=nk),
+    grid=(b, h, nq, nk),
+    in_specs=[q_spec, kv_spec, kv_spec] + id_specs,
+    out_specs=[q_spec, col_spec],
+    out_shape=[layout.shape(b, s, h, q.dtype), jax.ShapeDtypeStruct((b, h, s, 1), jnp.float32)],
+    scratch=[(bq, 1), (bq, 1), (bq, d)],
+    cfg=cfg,
+    name="flash_fwd_tpu",
+    semantics=(_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY),
+  )(
+    kv_lo.reshape(-1),
+    kv_hi.reshape(-1),
+    layout.to_kernel(q),
+    layout.to_kernel(k),
+    layout.to_kernel(v),
+    q_pos[:, :, None],
+    q_seg[:, :, None],
+    kv_pos[:, None, :],
+    kv_seg[:, None, :],
+  )
   return layout.from_kernel(o), lse[..., 0]
 
 
@@ -245,34 +350,78 @@ def backward(q, k, v, ids, o, lse, do, dlse, cfg):
 
   q_spec, col_spec, kv_spec, id_specs = _query_major_specs(layout, bq, bkv, group, nq)
   dq = _call(
-      functools.partial(_dq_kernel, cfg=cfg, nq=nq, nk=nk),
-      grid=(b, h, nq, nk),
-      in_specs=[q_spec, q_spec, col_spec, col_spec, kv_spec, kv_spec] + id_specs,
-      out_specs=q_spec, out_shape=layout.shape(b, s, h, q.dtype),
-      scratch=[(bq, d)], cfg=cfg, name="flash_dq_tpu",
-      semantics=(_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY),
-  )(kv_lo.reshape(-1), kv_hi.reshape(-1), q_k, do_k, lse[..., None], delta[..., None],
-    k_k, v_k, q_pos[:, :, None], q_seg[:, :, None], kv_pos[:, None, :], kv_seg[:, None, :])
+    functools.partial(_dq_kernel, cfg=cfg, nq=nq, nk=nk),
+    grid=(b, h, nq, nk),
+    in_specs=[q_spec, q_spec, col_spec, col_spec, kv_spec, kv_spec] + id_specs,
+    out_specs=q_spec,
+    out_shape=layout.shape(b, s, h, q.dtype),
+    scratch=[(bq, d)],
+    cfg=cfg,
+    name="flash_dq_tpu",
+    semantics=(_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY),
+  )(
+    kv_lo.reshape(-1),
+    kv_hi.reshape(-1),
+    q_k,
+    do_k,
+    lse[..., None],
+    delta[..., None],
+    k_k,
+    v_k,
+    q_pos[:, :, None],
+    q_seg[:, :, None],
+    kv_pos[:, None, :],
+    kv_seg[:, None, :],
+  )
 
   def q_block(b_, j, i, lo, hi):
     return _clamp(i, lo[b_ * nk + j], hi[b_ * nk + j])
-  qt_spec = layout.tile(bq, lambda b_, kh, j, g, i, lo, hi: (
-      b_, kh * group + g, q_block(b_, j, i, lo, hi)))
-  row_spec = pl.BlockSpec((None, None, 1, bq), lambda b_, kh, j, g, i, lo, hi: (
-      b_, kh * group + g, 0, q_block(b_, j, i, lo, hi)))
+
+  qt_spec = layout.tile(
+    bq, lambda b_, kh, j, g, i, lo, hi: (b_, kh * group + g, q_block(b_, j, i, lo, hi))
+  )
+  row_spec = pl.BlockSpec(
+    (None, None, 1, bq),
+    lambda b_, kh, j, g, i, lo, hi: (b_, kh * group + g, 0, q_block(b_, j, i, lo, hi)),
+  )
   kvt_spec = layout.tile(bkv, lambda b_, kh, j, g, i, lo, hi: (b_, kh, j))
-  q_row_spec = pl.BlockSpec((None, 1, bq), lambda b_, kh, j, g, i, lo, hi: (
-      b_, 0, q_block(b_, j, i, lo, hi)))
+  q_row_spec = pl.BlockSpec(
+    (None, 1, bq), lambda b_, kh, j, g, i, lo, hi: (b_, 0, q_block(b_, j, i, lo, hi))
+  )
   kv_col_spec = pl.BlockSpec((None, bkv, 1), lambda b_, kh, j, g, i, lo, hi: (b_, j, 0))
   dk, dv = _call(
-      functools.partial(_dkv_kernel, cfg=cfg, nk=nk, nq=nq, groups=group),
-      grid=(b, kv_heads, nk, group, nq),
-      in_specs=[qt_spec, qt_spec, row_spec, row_spec, kvt_spec, kvt_spec,
-                q_row_spec, q_row_spec, kv_col_spec, kv_col_spec],
-      out_specs=[kvt_spec, kvt_spec],
-      out_shape=[layout.shape(b, t, kv_heads, k.dtype), layout.shape(b, t, kv_heads, v.dtype)],
-      scratch=[(bkv, d), (bkv, d)], cfg=cfg, name="flash_dkv_tpu",
-      semantics=(_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY, _ARBITRARY),
-  )(q_lo.reshape(-1), q_hi.reshape(-1), q_k, do_k, lse[:, :, None, :], delta[:, :, None, :],
-    k_k, v_k, q_pos[:, None, :], q_seg[:, None, :], kv_pos[:, :, None], kv_seg[:, :, None])
+    functools.partial(_dkv_kernel, cfg=cfg, nk=nk, nq=nq, groups=group),
+    grid=(b, kv_heads, nk, group, nq),
+    in_specs=[
+      qt_spec,
+      qt_spec,
+      row_spec,
+      row_spec,
+      kvt_spec,
+      kvt_spec,
+      q_row_spec,
+      q_row_spec,
+      kv_col_spec,
+      kv_col_spec,
+    ],
+    out_specs=[kvt_spec, kvt_spec],
+    out_shape=[layout.shape(b, t, kv_heads, k.dtype), layout.shape(b, t, kv_heads, v.dtype)],
+    scratch=[(bkv, d), (bkv, d)],
+    cfg=cfg,
+    name="flash_dkv_tpu",
+    semantics=(_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY, _ARBITRARY),
+  )(
+    q_lo.reshape(-1),
+    q_hi.reshape(-1),
+    q_k,
+    do_k,
+    lse[:, :, None, :],
+    delta[:, :, None, :],
+    k_k,
+    v_k,
+    q_pos[:, None, :],
+    q_seg[:, None, :],
+    kv_pos[:, :, None],
+    kv_seg[:, :, None],
+  )
   return layout.from_kernel(dq), layout.from_kernel(dk), layout.from_kernel(dv)

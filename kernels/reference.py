@@ -22,8 +22,19 @@ def reference_mask(q_pos_BS, kv_pos_BT, q_seg_BS, kv_seg_BT, *, causal, sliding_
   return mask_BST
 
 
-def reference_attention(q_BSHD, k_BTKD, v_BTKD, *, causal, q_pos_BS=None, kv_pos_BT=None,
-                        q_seg_BS=None, kv_seg_BT=None, sliding_window=None, scale=None):
+def reference_attention(
+  q_BSHD,
+  k_BTKD,
+  v_BTKD,
+  *,
+  causal,
+  q_pos_BS=None,
+  kv_pos_BT=None,
+  q_seg_BS=None,
+  kv_seg_BT=None,
+  sliding_window=None,
+  scale=None,
+):
   """Returns (out [B, S, H, D] float32, lse [B, H, S] float32, -inf if no key is visible).
 
   Missing positions default to 0..S-1 / 0..T-1, missing segments to one segment.
@@ -38,23 +49,28 @@ def reference_attention(q_BSHD, k_BTKD, v_BTKD, *, causal, q_pos_BS=None, kv_pos
     q_seg_BS = jnp.zeros((b, s), jnp.int32)
   if kv_seg_BT is None:
     kv_seg_BT = jnp.zeros((b, t), jnp.int32)
-  scale = d ** -0.5 if scale is None else scale
+  scale = d**-0.5 if scale is None else scale
   k_BTHD = jnp.repeat(k_BTKD.astype(jnp.float32), h // kv_heads, axis=2)
   v_BTHD = jnp.repeat(v_BTKD.astype(jnp.float32), h // kv_heads, axis=2)
-  logits_BHST = jnp.einsum("bshd,bthd->bhst", q_BSHD.astype(jnp.float32), k_BTHD,
-                           precision=jax.lax.Precision.HIGHEST) * scale
-  mask_B1ST = reference_mask(q_pos_BS, kv_pos_BT, q_seg_BS, kv_seg_BT, causal=causal,
-                             sliding_window=sliding_window)[:, None]
+  logits_BHST = (
+    jnp.einsum(
+      "bshd,bthd->bhst", q_BSHD.astype(jnp.float32), k_BTHD, precision=jax.lax.Precision.HIGHEST
+    )
+    * scale
+  )
+  mask_B1ST = reference_mask(
+    q_pos_BS, kv_pos_BT, q_seg_BS, kv_seg_BT, causal=causal, sliding_window=sliding_window
+  )[:, None]
   logits_BHST = jnp.where(mask_B1ST, logits_BHST, -jnp.inf)
   any_BHS1 = jnp.any(mask_B1ST, axis=-1, keepdims=True)
   # The max only stabilises exp; it carries no gradient (lse' = softmax).
   max_BHS1 = jax.lax.stop_gradient(
-      jnp.where(any_BHS1, jnp.max(logits_BHST, axis=-1, keepdims=True), 0.0))
+    jnp.where(any_BHS1, jnp.max(logits_BHST, axis=-1, keepdims=True), 0.0)
+  )
   weights_BHST = jnp.exp(logits_BHST - max_BHS1)
   total_BHS1 = jnp.sum(weights_BHST, axis=-1, keepdims=True)
   safe_total_BHS1 = jnp.where(any_BHS1, total_BHS1, 1.0)
   probs_BHST = weights_BHST / safe_total_BHS1
-  out_BSHD = jnp.einsum("bhst,bthd->bshd", probs_BHST, v_BTHD,
-                        precision=jax.lax.Precision.HIGHEST)
+  out_BSHD = jnp.einsum("bhst,bthd->bshd", probs_BHST, v_BTHD, precision=jax.lax.Precision.HIGHEST)
   lse_BHS = jnp.where(any_BHS1, jnp.log(safe_total_BHS1) + max_BHS1, -jnp.inf)[..., 0]
   return out_BSHD, lse_BHS

@@ -49,7 +49,6 @@ import numpy as np
 from flax import nnx
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   """How the next token is chosen from the model's logits.
@@ -106,6 +105,7 @@ class Generation(NamedTuple):
 
 class _SamplingMode(NamedTuple):
   """The static part of `Sampling` (what changes the compiled program)."""
+
   greedy: bool
   top_k: int
   use_top_p: bool
@@ -115,8 +115,13 @@ def _mode(sampling: Sampling) -> _SamplingMode:
   return _SamplingMode(sampling.greedy, int(sampling.top_k), sampling.top_p < 1)
 
 
-def select_tokens(logits_BV: jax.Array, key: jax.Array, mode: _SamplingMode,
-                  temperature: jax.Array, top_p: jax.Array):
+def select_tokens(
+  logits_BV: jax.Array,
+  key: jax.Array,
+  mode: _SamplingMode,
+  temperature: jax.Array,
+  top_p: jax.Array,
+):
   """Picks one token per row; returns (tokens_B int32, raw logprobs_B float32)."""
   logits_BV = logits_BV.astype(jnp.float32)
   raw_logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
@@ -148,21 +153,22 @@ def select_tokens(logits_BV: jax.Array, key: jax.Array, mode: _SamplingMode,
 
 class _Knobs(NamedTuple):
   """Traced per-call values (changing them does not recompile)."""
-  temperature: jax.Array   # float32 []
-  top_p: jax.Array         # float32 []
-  eos_ids_E: jax.Array     # int32 [E]
-  pad_id: jax.Array        # int32 []
-  rng: jax.Array           # PRNG key
+
+  temperature: jax.Array  # float32 []
+  top_p: jax.Array  # float32 []
+  eos_ids_E: jax.Array  # int32 [E]
+  pad_id: jax.Array  # int32 []
+  rng: jax.Array  # PRNG key
 
 
 def _is_eos(tokens_B, eos_ids_E):
   return jnp.any(tokens_B[:, None] == eos_ids_E[None, :], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "max_new_tokens"),
-                   donate_argnames=("cache",))
-def _prefill(graphdef, state, tokens_BS, lengths_B, cache, knobs: _Knobs, *, mode,
-             max_new_tokens):
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "mode", "max_new_tokens"), donate_argnames=("cache",)
+)
+def _prefill(graphdef, state, tokens_BS, lengths_B, cache, knobs: _Knobs, *, mode, max_new_tokens):
   """Runs the padded prompts; returns (cache, first tokens_B, logprobs_B, done_B)."""
   model = nnx.merge(graphdef, state)
   b, s = tokens_BS.shape
@@ -172,17 +178,18 @@ def _prefill(graphdef, state, tokens_BS, lengths_B, cache, knobs: _Knobs, *, mod
   last_B11 = (lengths_B - 1)[:, None, None]
   x_B1D = jnp.take_along_axis(x_BSD, last_B11, axis=1)
   logits_BV = model.logits_from_hidden(x_B1D)[:, 0]
-  tokens_B, logprobs_B = select_tokens(logits_BV, jax.random.fold_in(knobs.rng, 0), mode,
-                                       knobs.temperature, knobs.top_p)
+  tokens_B, logprobs_B = select_tokens(
+    logits_BV, jax.random.fold_in(knobs.rng, 0), mode, knobs.temperature, knobs.top_p
+  )
   done_B = _is_eos(tokens_B, knobs.eos_ids_E) | (max_new_tokens <= 1)
   return cache, tokens_B, logprobs_B, done_B
 
 
 class _LoopState(NamedTuple):
-  step: jax.Array          # int32 []: index of the token this iteration generates
-  cache_layers: Any        # the cache, its per-layer leaves unstacked (see _Unstacked)
-  positions_B: jax.Array   # int32 [B]: position of tokens_BN[:, step - 1]
-  done_B: jax.Array        # bool [B]
+  step: jax.Array  # int32 []: index of the token this iteration generates
+  cache_layers: Any  # the cache, its per-layer leaves unstacked (see _Unstacked)
+  positions_B: jax.Array  # int32 [B]: position of tokens_BN[:, step - 1]
+  done_B: jax.Array  # bool [B]
   tokens_BN: jax.Array
   logprobs_BN: jax.Array
   lengths_B: jax.Array
@@ -201,11 +208,14 @@ class _Unstacked:
 
   def __init__(self, tree, num_layers: int, path_filter=lambda path: True):
     leaves, self.treedef = jax.tree_util.tree_flatten_with_path(tree)
-    self.stacked = tuple(path_filter(path) and getattr(x, "ndim", 0) >= 1
-                         and x.shape[0] == num_layers for path, x in leaves)
+    self.stacked = tuple(
+      path_filter(path) and getattr(x, "ndim", 0) >= 1 and x.shape[0] == num_layers
+      for path, x in leaves
+    )
     self.num_layers = num_layers
-    self.leaves = [[x[i] for i in range(num_layers)] if s else x
-                   for (_, x), s in zip(leaves, self.stacked)]
+    self.leaves = [
+      [x[i] for i in range(num_layers)] if s else x for (_, x), s in zip(leaves, self.stacked)
+    ]
 
   @staticmethod
   def split(tree, num_layers: int, path_filter=lambda path: True):
@@ -215,7 +225,8 @@ class _Unstacked:
 
   def restack(self, leaves):
     return jax.tree_util.tree_unflatten(
-        self.treedef, [jnp.stack(x) if s else x for x, s in zip(leaves, self.stacked)])
+      self.treedef, [jnp.stack(x) if s else x for x, s in zip(leaves, self.stacked)]
+    )
 
 
 def _in_layers(path) -> bool:
@@ -224,16 +235,18 @@ def _in_layers(path) -> bool:
 
 class _Carry(NamedTuple):
   """What one decode phase hands to the next (everything but the cache)."""
-  step: jax.Array          # int32 []: index of the token the next iteration generates
-  positions_B: jax.Array   # int32 [B]: position of tokens_BN[:, step - 1]
-  done_B: jax.Array        # bool [B]
+
+  step: jax.Array  # int32 []: index of the token the next iteration generates
+  positions_B: jax.Array  # int32 [B]: position of tokens_BN[:, step - 1]
+  done_B: jax.Array  # bool [B]
   tokens_BN: jax.Array
   logprobs_BN: jax.Array
   lengths_B: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "capacity"),
-                   donate_argnames=("cache", "carry"))
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "mode", "capacity"), donate_argnames=("cache", "carry")
+)
 def _decode(graphdef, state, cache, carry: _Carry, knobs: _Knobs, *, mode, capacity):
   """The while-loop decode over a cache of `capacity` slots.
 
@@ -259,34 +272,46 @@ def _decode(graphdef, state, cache, carry: _Carry, knobs: _Knobs, *, mode, capac
 
   def body(loop: _LoopState):
     model = nnx.merge(graphdef, restack_weights(weights))
-    last_B = jax.lax.dynamic_index_in_dim(loop.tokens_BN, loop.step - 1, axis=1,
-                                          keepdims=False)
-    logits_B1V, cache = model.forward_cached(last_B[:, None], loop.positions_B[:, None],
-                                             restack_cache(loop.cache_layers))
+    last_B = jax.lax.dynamic_index_in_dim(loop.tokens_BN, loop.step - 1, axis=1, keepdims=False)
+    logits_B1V, cache = model.forward_cached(
+      last_B[:, None], loop.positions_B[:, None], restack_cache(loop.cache_layers)
+    )
     new_B, new_logprobs_B = select_tokens(
-        logits_B1V[:, 0], jax.random.fold_in(knobs.rng, loop.step), mode, knobs.temperature,
-        knobs.top_p)
+      logits_B1V[:, 0],
+      jax.random.fold_in(knobs.rng, loop.step),
+      mode,
+      knobs.temperature,
+      knobs.top_p,
+    )
     live_B = ~loop.done_B
     new_B = jnp.where(live_B, new_B, knobs.pad_id)
     new_logprobs_B = jnp.where(live_B, new_logprobs_B, 0.0)
     done_B = loop.done_B | _is_eos(new_B, knobs.eos_ids_E) | (loop.step + 1 >= n)
     return _LoopState(
-        step=loop.step + 1,
-        cache_layers=unstack_cache(cache),
-        positions_B=loop.positions_B + 1,
-        done_B=done_B,
-        tokens_BN=jax.lax.dynamic_update_index_in_dim(loop.tokens_BN, new_B, loop.step, 1),
-        logprobs_BN=jax.lax.dynamic_update_index_in_dim(loop.logprobs_BN, new_logprobs_B,
-                                                        loop.step, 1),
-        lengths_B=loop.lengths_B + live_B.astype(jnp.int32),
+      step=loop.step + 1,
+      cache_layers=unstack_cache(cache),
+      positions_B=loop.positions_B + 1,
+      done_B=done_B,
+      tokens_BN=jax.lax.dynamic_update_index_in_dim(loop.tokens_BN, new_B, loop.step, 1),
+      logprobs_BN=jax.lax.dynamic_update_index_in_dim(
+        loop.logprobs_BN, new_logprobs_B, loop.step, 1
+      ),
+      lengths_B=loop.lengths_B + live_B.astype(jnp.int32),
     )
 
-  loop = _LoopState(step=carry.step, cache_layers=cache_layers, positions_B=carry.positions_B,
-                    done_B=carry.done_B, tokens_BN=carry.tokens_BN,
-                    logprobs_BN=carry.logprobs_BN, lengths_B=carry.lengths_B)
+  loop = _LoopState(
+    step=carry.step,
+    cache_layers=cache_layers,
+    positions_B=carry.positions_B,
+    done_B=carry.done_B,
+    tokens_BN=carry.tokens_BN,
+    logprobs_BN=carry.logprobs_BN,
+    lengths_B=carry.lengths_B,
+  )
   loop = jax.lax.while_loop(cond, body, loop)
-  carry = _Carry(loop.step, loop.positions_B, loop.done_B, loop.tokens_BN, loop.logprobs_BN,
-                 loop.lengths_B)
+  carry = _Carry(
+    loop.step, loop.positions_B, loop.done_B, loop.tokens_BN, loop.logprobs_BN, loop.lengths_B
+  )
   # Returning the cache lets XLA alias the donated input buffer to it.
   return carry, restack_cache(loop.cache_layers)
 
@@ -299,12 +324,15 @@ def _grow_cache(cache, empty_cache):
   when the caller drops it.
   """
   return jax.tree.map(
-      lambda big, small: jax.lax.dynamic_update_slice(big, small, (0,) * small.ndim),
-      empty_cache, cache)
+    lambda big, small: jax.lax.dynamic_update_slice(big, small, (0,) * small.ndim),
+    empty_cache,
+    cache,
+  )
 
 
-def phase_capacities(prompt_len: int, max_new_tokens: int, growth: float | None,
-                     quantum: int = 64) -> list[int]:
+def phase_capacities(
+  prompt_len: int, max_new_tokens: int, growth: float | None, quantum: int = 64
+) -> list[int]:
   """Cache capacities of the successive decode phases.
 
   A fixed cache makes every decode step attend over all of its slots, the
@@ -338,9 +366,19 @@ def _as_int_array(name: str, value: Any, ndim: int) -> np.ndarray | jax.Array:
   return value
 
 
-def generate(model, prompt_tokens_BS, prompt_lengths_B, *, max_new_tokens: int,
-             sampling: Sampling = Sampling(), eos_ids=(), rng: jax.Array | None = None,
-             pad_id: int = 0, cache_dtype=None, cache_growth: float | None = 1.25) -> Generation:
+def generate(
+  model,
+  prompt_tokens_BS,
+  prompt_lengths_B,
+  *,
+  max_new_tokens: int,
+  sampling: Sampling = Sampling(),
+  eos_ids=(),
+  rng: jax.Array | None = None,
+  pad_id: int = 0,
+  cache_dtype=None,
+  cache_growth: float | None = 1.25,
+) -> Generation:
   """Generates up to `max_new_tokens` tokens for every prompt of a batch.
 
   Args:
@@ -368,8 +406,11 @@ def generate(model, prompt_tokens_BS, prompt_lengths_B, *, max_new_tokens: int,
   # Validate everything before anything is traced or compiled.
   if not isinstance(sampling, Sampling):
     raise ValueError(f"sampling={sampling!r}: must be a decoding.Sampling")
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-      or max_new_tokens < 1:
+  if (
+    isinstance(max_new_tokens, bool)
+    or not isinstance(max_new_tokens, (int, np.integer))
+    or max_new_tokens < 1
+  ):
     raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
   max_new_tokens = int(max_new_tokens)
   prompt_tokens_BS = _as_int_array("prompt_tokens_BS", prompt_tokens_BS, 2)
@@ -378,60 +419,83 @@ def generate(model, prompt_tokens_BS, prompt_lengths_B, *, max_new_tokens: int,
   if b < 1 or s < 1:
     raise ValueError(f"prompt_tokens_BS: shape {(b, s)} must have B >= 1 and S >= 1")
   if prompt_lengths_B.shape != (b,):
-    raise ValueError(f"prompt_lengths_B: shape {prompt_lengths_B.shape} must be ({b},), "
-                     f"one length per row of prompt_tokens_BS {(b, s)}")
+    raise ValueError(
+      f"prompt_lengths_B: shape {prompt_lengths_B.shape} must be ({b},), "
+      f"one length per row of prompt_tokens_BS {(b, s)}"
+    )
   lengths_np = np.asarray(prompt_lengths_B)
   if lengths_np.min() < 1 or lengths_np.max() > s:
-    raise ValueError(f"prompt_lengths_B: every length must be in [1, S={s}], got "
-                     f"min {lengths_np.min()} max {lengths_np.max()}")
+    raise ValueError(
+      f"prompt_lengths_B: every length must be in [1, S={s}], got "
+      f"min {lengths_np.min()} max {lengths_np.max()}"
+    )
   vocab = model.config.vocab_size
-  eos_np = np.asarray(tuple(eos_ids) if not isinstance(eos_ids, (int, np.integer)) else
-                      (eos_ids,))
-  if eos_np.size and (eos_np.ndim != 1 or not np.issubdtype(eos_np.dtype, np.integer)
-                      or eos_np.min() < 0 or eos_np.max() >= vocab):
+  eos_np = np.asarray(tuple(eos_ids) if not isinstance(eos_ids, (int, np.integer)) else (eos_ids,))
+  if eos_np.size and (
+    eos_np.ndim != 1
+    or not np.issubdtype(eos_np.dtype, np.integer)
+    or eos_np.min() < 0
+    or eos_np.max() >= vocab
+  ):
     raise ValueError(f"eos_ids={eos_ids!r}: must be token ids in [0, vocab_size={vocab})")
   if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)):
     raise ValueError(f"pad_id={pad_id!r}: must be an integer")
   if rng is None:
     if not sampling.greedy:
-      raise ValueError(f"rng: a PRNG key is required when sampling.temperature="
-                       f"{sampling.temperature} > 0")
+      raise ValueError(
+        f"rng: a PRNG key is required when sampling.temperature={sampling.temperature} > 0"
+      )
     rng = jax.random.key(0)  # unused by greedy decoding
-  elif not (isinstance(rng, jax.Array) and (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
-                                            or (rng.dtype == jnp.uint32 and rng.shape == (2,)))):
+  elif not (
+    isinstance(rng, jax.Array)
+    and (
+      jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+      or (rng.dtype == jnp.uint32 and rng.shape == (2,))
+    )
+  ):
     raise ValueError(f"rng={rng!r}: must be a jax.random.key (or a legacy uint32[2] key)")
-  if cache_growth is not None and (isinstance(cache_growth, bool) or not isinstance(
-      cache_growth, (int, float)) or not cache_growth > 1):
+  if cache_growth is not None and (
+    isinstance(cache_growth, bool)
+    or not isinstance(cache_growth, (int, float))
+    or not cache_growth > 1
+  ):
     raise ValueError(f"cache_growth={cache_growth!r}: must be a number > 1, or None")
   capacity = s + max_new_tokens - 1
   max_capacity = getattr(model.config, "max_cache_length", None)
   if max_capacity is not None and capacity > max_capacity:
-    raise ValueError(f"max_new_tokens={max_new_tokens}: S + max_new_tokens - 1 = {capacity} "
-                     f"exceeds the model's max_cache_length={max_capacity}")
+    raise ValueError(
+      f"max_new_tokens={max_new_tokens}: S + max_new_tokens - 1 = {capacity} "
+      f"exceeds the model's max_cache_length={max_capacity}"
+    )
 
   mode = _mode(sampling)
-  knobs = _Knobs(temperature=jnp.float32(sampling.temperature or 1.0),
-                 top_p=jnp.float32(sampling.top_p),
-                 eos_ids_E=jnp.asarray(eos_np.reshape(-1), jnp.int32),
-                 pad_id=jnp.int32(pad_id), rng=rng)
+  knobs = _Knobs(
+    temperature=jnp.float32(sampling.temperature or 1.0),
+    top_p=jnp.float32(sampling.top_p),
+    eos_ids_E=jnp.asarray(eos_np.reshape(-1), jnp.int32),
+    pad_id=jnp.int32(pad_id),
+    rng=rng,
+  )
   graphdef, state = nnx.split(model)
   tokens_BS = jnp.asarray(prompt_tokens_BS, jnp.int32)
   lengths_B = jnp.asarray(prompt_lengths_B, jnp.int32)
   capacities = phase_capacities(s, max_new_tokens, cache_growth)
   cache = model.init_cache(b, capacities[0], dtype=cache_dtype)
   cache, first_B, first_logprobs_B, done_B = _prefill(
-      graphdef, state, tokens_BS, lengths_B, cache, knobs, mode=mode,
-      max_new_tokens=max_new_tokens)
+    graphdef, state, tokens_BS, lengths_B, cache, knobs, mode=mode, max_new_tokens=max_new_tokens
+  )
   carry = _Carry(
-      step=jnp.int32(1), positions_B=lengths_B, done_B=done_B,
-      tokens_BN=jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B),
-      logprobs_BN=jnp.zeros((b, max_new_tokens), jnp.float32).at[:, 0].set(first_logprobs_B),
-      lengths_B=jnp.ones((b,), jnp.int32))
+    step=jnp.int32(1),
+    positions_B=lengths_B,
+    done_B=done_B,
+    tokens_BN=jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B),
+    logprobs_BN=jnp.zeros((b, max_new_tokens), jnp.float32).at[:, 0].set(first_logprobs_B),
+    lengths_B=jnp.ones((b,), jnp.int32),
+  )
   for phase, phase_capacity in enumerate(capacities):
     if phase:
       cache = _grow_cache(cache, model.init_cache(b, phase_capacity, dtype=cache_dtype))
-    carry, cache = _decode(graphdef, state, cache, carry, knobs, mode=mode,
-                           capacity=phase_capacity)
+    carry, cache = _decode(graphdef, state, cache, carry, knobs, mode=mode, capacity=phase_capacity)
     if int(carry.step) >= max_new_tokens or bool(jnp.all(carry.done_B)):
       break
   return Generation(carry.tokens_BN, carry.logprobs_BN, carry.lengths_B)

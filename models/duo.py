@@ -88,21 +88,27 @@ class Config(transformer.Config):
 
   def validate(self) -> None:
     super().validate()
-    if (not isinstance(self.small_mlp_dim, int) or isinstance(self.small_mlp_dim, bool)
-        or not 1 <= self.small_mlp_dim < self.mlp_dim):
-      raise ValueError(f"model.small_mlp_dim={self.small_mlp_dim!r}: must be an integer in "
-                       f"[1, model.mlp_dim={self.mlp_dim})")
-    if (isinstance(self.compute_penalty, bool)
-        or not isinstance(self.compute_penalty, (int, float)) or self.compute_penalty < 0):
+    if (
+      not isinstance(self.small_mlp_dim, int)
+      or isinstance(self.small_mlp_dim, bool)
+      or not 1 <= self.small_mlp_dim < self.mlp_dim
+    ):
+      raise ValueError(
+        f"model.small_mlp_dim={self.small_mlp_dim!r}: must be an integer in "
+        f"[1, model.mlp_dim={self.mlp_dim})"
+      )
+    if (
+      isinstance(self.compute_penalty, bool)
+      or not isinstance(self.compute_penalty, (int, float))
+      or self.compute_penalty < 0
+    ):
       raise ValueError(f"model.compute_penalty={self.compute_penalty!r}: must be a number >= 0")
     for name in ("small_capacity", "big_capacity"):
       value = getattr(self, name)
-      if (isinstance(value, bool) or not isinstance(value, (int, float))
-          or not 0 < value <= 1):
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise ValueError(f"model.{name}={value!r}: must be a number in (0, 1]")
     if not isinstance(self.probe_spare_slots, bool):
-      raise ValueError(f"model.probe_spare_slots={self.probe_spare_slots!r}: must be True or "
-                       "False")
+      raise ValueError(f"model.probe_spare_slots={self.probe_spare_slots!r}: must be True or False")
 
   @property
   def option_costs(self) -> tuple[float, float, float]:
@@ -115,8 +121,9 @@ class SmallMLP(nnx.Module):
 
   def __init__(self, config: Config, *, rngs: nnx.Rngs):
     c = config
-    self.mlp = MLP(c.dim, c.small_mlp_dim, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
-                   rngs=rngs)
+    self.mlp = MLP(
+      c.dim, c.small_mlp_dim, dtype=c.compute_dtype, param_dtype=c.weight_dtype, rngs=rngs
+    )
 
   def __call__(self, x_BSD):
     return self.mlp(x_BSD)
@@ -124,12 +131,23 @@ class SmallMLP(nnx.Module):
 
 def option_slots(config: Config, seq_len: int) -> dict[int, int]:
   """Static slots per row of the SMALL and BIG options for rows of `seq_len` tokens."""
-  return {SMALL: routing.capacity_k(config.small_capacity, seq_len),
-          BIG: routing.capacity_k(config.big_capacity, seq_len)}
+  return {
+    SMALL: routing.capacity_k(config.small_capacity, seq_len),
+    BIG: routing.capacity_k(config.big_capacity, seq_len),
+  }
 
 
-def routed_ffn(n_BSD, router_DO, small, big, slots_O: dict[int, int], *, choice_BS=None,
-               weights_BSO=None, probe_spare_slots=False):
+def routed_ffn(
+  n_BSD,
+  router_DO,
+  small,
+  big,
+  slots_O: dict[int, int],
+  *,
+  choice_BS=None,
+  weights_BSO=None,
+  probe_spare_slots=False,
+):
   """One layer's routed FFN on its normed input n [B, S, D].
 
   The choice is the router's argmax (straight-through weights), or
@@ -145,8 +163,7 @@ def routed_ffn(n_BSD, router_DO, small, big, slots_O: dict[int, int], *, choice_
   Returns (ffn_BSD float32, router probabilities p_BSO, choice_BS, executed_BS).
   """
   s = n_BSD.shape[1]
-  p_BSO = jax.nn.softmax(jnp.einsum("bsd,do->bso", n_BSD.astype(jnp.float32), router_DO),
-                         axis=-1)
+  p_BSO = jax.nn.softmax(jnp.einsum("bsd,do->bso", n_BSD.astype(jnp.float32), router_DO), axis=-1)
   dense_eval = weights_BSO is not None  # Every option on every token (oracle scores).
   if dense_eval:
     w_BSO = weights_BSO.astype(jnp.float32)
@@ -183,11 +200,17 @@ class DuoTransformer(transformer.Transformer):
     super().__init__(config, rngs=rngs)
     c = config
     self.small_mlps = transformer.stacked_blocks(c, c.num_layers, rngs, SmallMLP)
-    self.ffn_router = param(rngs, nnx.initializers.normal(c.dim ** -0.5),
-                            (c.num_layers, c.dim, 3), jnp.float32, ("layers", "embed", None))
+    self.ffn_router = param(
+      rngs,
+      nnx.initializers.normal(c.dim**-0.5),
+      (c.num_layers, c.dim, 3),
+      jnp.float32,
+      ("layers", "embed", None),
+    )
 
-  def _route_layers(self, x_BSD, positions_BS, segment_ids_BS, cache, routing_LBS=None,
-                    routing_weights_LBSO=None):
+  def _route_layers(
+    self, x_BSD, positions_BS, segment_ids_BS, cache, routing_LBS=None, routing_weights_LBSO=None
+  ):
     """Every layer with its FFN routed; returns (x_BSD, cache or None, per-layer stats).
 
     Stats (leading layers axis L): "counts_LO" fraction of tokens that ran each
@@ -207,24 +230,39 @@ class DuoTransformer(transformer.Transformer):
       x_BSD, layer_kv = carry
       block_st, small_st, router_DO, choice_BS, w_BSO = xs_l
       block, small = nnx.merge(block_def, block_st), nnx.merge(small_def, small_st)
-      a_BSD, layer_kv = block.attn(block.attn_norm(x_BSD), positions_BS, segment_ids_BS,
-                                   layer_kv)
+      a_BSD, layer_kv = block.attn(block.attn_norm(x_BSD), positions_BS, segment_ids_BS, layer_kv)
       h_BSD = x_BSD + a_BSD
       n_BSD = block.mlp_norm(h_BSD)
       ffn_BSD, p_BSO, choice_BS, executed_BS = routed_ffn(
-          n_BSD, router_DO, small, block.mlp, slots_O, choice_BS=choice_BS, weights_BSO=w_BSO,
-          probe_spare_slots=c.probe_spare_slots)
-      stats = {"counts_LO": jnp.mean(jax.nn.one_hot(executed_BS, 3), axis=(0, 1)),
-               "expected_cost_L": jnp.mean(p_BSO @ costs_O),
-               "routing_LBS": executed_BS,
-               "dropped_L": jnp.mean((executed_BS != choice_BS).astype(jnp.float32))}
+        n_BSD,
+        router_DO,
+        small,
+        block.mlp,
+        slots_O,
+        choice_BS=choice_BS,
+        weights_BSO=w_BSO,
+        probe_spare_slots=c.probe_spare_slots,
+      )
+      stats = {
+        "counts_LO": jnp.mean(jax.nn.one_hot(executed_BS, 3), axis=(0, 1)),
+        "expected_cost_L": jnp.mean(p_BSO @ costs_O),
+        "routing_LBS": executed_BS,
+        "dropped_L": jnp.mean((executed_BS != choice_BS).astype(jnp.float32)),
+      }
       return (h_BSD + ffn_BSD.astype(h_BSD.dtype), layer_kv), stats
 
     xs = (block_state, small_state, self.ffn_router[...], routing_LBS, routing_weights_LBSO)
     return transformer.run_stacked(c, body, x_BSD, cache, xs)
 
-  def __call__(self, tokens_BS, positions_BS=None, segment_ids_BS=None, *, routing_LBS=None,
-               routing_weights_LBSO=None):
+  def __call__(
+    self,
+    tokens_BS,
+    positions_BS=None,
+    segment_ids_BS=None,
+    *,
+    routing_LBS=None,
+    routing_weights_LBSO=None,
+  ):
     """Forward; `routing_LBS` (int [L, B, S] in {0, 1, 2}) fixes every choice (oracle).
 
     `routing_weights_LBSO` (float [L, B, S, 3]) instead sets the option weights
@@ -242,19 +280,31 @@ class DuoTransformer(transformer.Transformer):
     tokens_BS = jnp.asarray(tokens_BS)
     if positions_BS is None:
       positions_BS = transformer.default_positions(tokens_BS, segment_ids_BS)
-    x_BSD, _, stats = self._route_layers(self.embed_tokens(tokens_BS), positions_BS,
-                                         segment_ids_BS, None, routing_LBS, routing_weights_LBSO)
+    x_BSD, _, stats = self._route_layers(
+      self.embed_tokens(tokens_BS),
+      positions_BS,
+      segment_ids_BS,
+      None,
+      routing_LBS,
+      routing_weights_LBSO,
+    )
     frac_O = jnp.mean(stats["counts_LO"], axis=0)
-    metrics = {"duo/frac_skip": frac_O[SKIP], "duo/frac_small": frac_O[SMALL],
-               "duo/frac_big": frac_O[BIG],
-               "duo/realised_cost": frac_O @ jnp.asarray(c.option_costs, jnp.float32),
-               "duo/expected_cost": jnp.mean(stats["expected_cost_L"]),
-               "duo/frac_dropped": jnp.mean(stats["dropped_L"])}
+    metrics = {
+      "duo/frac_skip": frac_O[SKIP],
+      "duo/frac_small": frac_O[SMALL],
+      "duo/frac_big": frac_O[BIG],
+      "duo/realised_cost": frac_O @ jnp.asarray(c.option_costs, jnp.float32),
+      "duo/expected_cost": jnp.mean(stats["expected_cost_L"]),
+      "duo/frac_dropped": jnp.mean(stats["dropped_L"]),
+    }
     losses = {}
     if c.compute_penalty and not fixed:
       losses["duo/compute"] = c.compute_penalty * metrics["duo/expected_cost"]
-    return self.logits_from_hidden(x_BSD), {"losses": losses, "metrics": metrics,
-                                            "routing_LBS": stats["routing_LBS"]}
+    return self.logits_from_hidden(x_BSD), {
+      "losses": losses,
+      "metrics": metrics,
+      "routing_LBS": stats["routing_LBS"],
+    }
 
   def run_layers(self, x_BSD, positions_BS, segment_ids_BS, cache):
     """Every layer with the routers' own choices over a KV cache; (x_BSD, cache)."""
@@ -301,6 +351,7 @@ _ORACLE_FNS = {}
 def _oracle_fns(graphdef):
   """Jitted pieces of the oracle search, cached per model structure (one compile per shape)."""
   if graphdef not in _ORACLE_FNS:
+
     def trained(st, batch):
       return _loss_sum(nnx.merge(graphdef, st), batch)[1]["routing_LBS"]
 
@@ -336,9 +387,19 @@ def _downgrade_to(routing, grad, costs, limit):
   return routing
 
 
-def oracle_search(model: DuoTransformer, tokens_BS, budget: float | None = None, *,
-                  targets_BS=None, loss_mask_BS=None, positions_BS=None, segment_ids_BS=None,
-                  init_routing_LBS=None, max_rounds: int = 40, fractions: int = 8) -> dict:
+def oracle_search(
+  model: DuoTransformer,
+  tokens_BS,
+  budget: float | None = None,
+  *,
+  targets_BS=None,
+  loss_mask_BS=None,
+  positions_BS=None,
+  segment_ids_BS=None,
+  init_routing_LBS=None,
+  max_rounds: int = 40,
+  fractions: int = 8,
+) -> dict:
   """Local search of a routing [L, B, S] that lowers a batch's loss within a compute budget.
 
   Objective: Σ loss_mask · next-token CE of the batch, computed by the model's
@@ -376,18 +437,23 @@ def oracle_search(model: DuoTransformer, tokens_BS, budget: float | None = None,
     default_targets, default_mask = next_token_targets(tokens_BS, segment_ids_BS)
     targets_BS = default_targets if targets_BS is None else targets_BS
     loss_mask_BS = default_mask if loss_mask_BS is None else loss_mask_BS
-  batch = {"tokens": tokens_BS, "targets": jnp.asarray(targets_BS),
-           "loss_mask": jnp.asarray(loss_mask_BS),
-           "positions": None if positions_BS is None else jnp.asarray(positions_BS),
-           "segment_ids": None if segment_ids_BS is None else jnp.asarray(segment_ids_BS)}
+  batch = {
+    "tokens": tokens_BS,
+    "targets": jnp.asarray(targets_BS),
+    "loss_mask": jnp.asarray(loss_mask_BS),
+    "positions": None if positions_BS is None else jnp.asarray(positions_BS),
+    "segment_ids": None if segment_ids_BS is None else jnp.asarray(segment_ids_BS),
+  }
   costs = np.asarray(c.option_costs, np.float64)
   if init_routing_LBS is None:
     routing = np.array(trained_fn(state, batch), np.int32)
   else:
     routing = np.array(init_routing_LBS, np.int32)
   if routing.shape != (c.num_layers,) + tuple(tokens_BS.shape):
-    raise ValueError(f"init_routing_LBS shape {routing.shape} != (L, B, S) = "
-                     f"{(c.num_layers,) + tuple(tokens_BS.shape)}")
+    raise ValueError(
+      f"init_routing_LBS shape {routing.shape} != (L, B, S) = "
+      f"{(c.num_layers,) + tuple(tokens_BS.shape)}"
+    )
   n = routing.size
   cost_init = float(costs[routing].mean())
   budget = cost_init if budget is None else float(budget)
@@ -399,8 +465,7 @@ def oracle_search(model: DuoTransformer, tokens_BS, budget: float | None = None,
     if excess <= 0:
       break
     _, grad = scores_fn(state, batch, jnp.asarray(routing))
-    _downgrade_to(routing, np.asarray(grad, np.float64), costs,
-                  limit + excess * (3 - k) / (4 - k))
+    _downgrade_to(routing, np.asarray(grad, np.float64), costs, limit + excess * (3 - k) / (4 - k))
   loss = float(losses_fn(state, batch, jnp.asarray(routing)[None])[0])
 
   rounds = accepted = 0
@@ -411,6 +476,7 @@ def oracle_search(model: DuoTransformer, tokens_BS, budget: float | None = None,
 
     def propose(lam):
       return np.argmin(g + lam * costs, -1).astype(np.int32)
+
     lo, hi = 0.0, 1.0
     if costs[propose(0.0)].sum() > limit:
       while costs[propose(hi)].sum() > limit and hi < 1e12:
@@ -422,8 +488,12 @@ def oracle_search(model: DuoTransformer, tokens_BS, budget: float | None = None,
     else:
       lam = 0.0
     proposal = propose(lam)
-    gain = (np.take_along_axis(g, proposal[..., None], -1)[..., 0] + lam * costs[proposal]
-            - g_cur - lam * costs[routing])
+    gain = (
+      np.take_along_axis(g, proposal[..., None], -1)[..., 0]
+      + lam * costs[proposal]
+      - g_cur
+      - lam * costs[routing]
+    )
     changed = np.flatnonzero((proposal != routing).reshape(-1))
     if changed.size == 0:
       break
@@ -446,12 +516,20 @@ def oracle_search(model: DuoTransformer, tokens_BS, budget: float | None = None,
       break
     routing, loss = candidates[best], float(cand_losses[best])
     accepted += 1
-  return {"routing_LBS": routing, "loss_sum": loss, "loss_sum_init": loss_init,
-          "cost": float(costs[routing].mean()), "cost_init": cost_init, "budget": budget,
-          "rounds": rounds, "accepted": accepted}
+  return {
+    "routing_LBS": routing,
+    "loss_sum": loss,
+    "loss_sum_init": loss_init,
+    "cost": float(costs[routing].mean()),
+    "cost_init": cost_init,
+    "budget": budget,
+    "rounds": rounds,
+    "accepted": accepted,
+  }
 
 
-def greedy_oracle_routing(model: DuoTransformer, tokens_BS, budget: float | None = None,
-                          **kwargs) -> np.ndarray:
+def greedy_oracle_routing(
+  model: DuoTransformer, tokens_BS, budget: float | None = None, **kwargs
+) -> np.ndarray:
   """`oracle_search(...)["routing_LBS"]`: the searched routing, np.int32 [L, B, S]."""
   return oracle_search(model, tokens_BS, budget, **kwargs)["routing_LBS"]

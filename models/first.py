@@ -72,8 +72,11 @@ class Config(transformer.Config):
       raise ValueError(f"model.skip_penalty={self.skip_penalty!r}: must be >= 0")
     if not self.gate_temperature > 0:
       raise ValueError(f"model.gate_temperature={self.gate_temperature!r}: must be > 0")
-    if (not isinstance(self.prompt_length, int) or isinstance(self.prompt_length, bool)
-        or self.prompt_length < 0):
+    if (
+      not isinstance(self.prompt_length, int)
+      or isinstance(self.prompt_length, bool)
+      or self.prompt_length < 0
+    ):
       raise ValueError(f"model.prompt_length={self.prompt_length!r}: must be an integer >= 0")
 
 
@@ -87,8 +90,9 @@ def load_dense(model: "FiRSTTransformer", dense_state: nnx.State) -> None:
   nnx.update(model, dense_state)
 
 
-def gate_probability(config: Config, w_D: jax.Array, bias: jax.Array,
-                     pooled_ND: jax.Array) -> jax.Array:
+def gate_probability(
+  config: Config, w_D: jax.Array, bias: jax.Array, pooled_ND: jax.Array
+) -> jax.Array:
   """σ((wᵀ·pooled + b) / gate_temperature): one layer's execute-probability, [..., D] -> [...]."""
   logit = pooled_ND.astype(jnp.float32) @ w_D + bias
   return jax.nn.sigmoid(logit / config.gate_temperature)
@@ -120,15 +124,18 @@ class FiRSTTransformer(transformer.Transformer):
   def __init__(self, config: Config, *, rngs: nnx.Rngs):
     super().__init__(config, rngs=rngs)
     c = config
-    self.skip_router_w = param(rngs, nnx.initializers.zeros, (c.num_layers, c.dim),
-                               jnp.float32, ("layers", "embed"))
-    self.skip_router_b = nnx.Param(jnp.full((c.num_layers,), c.router_init_bias, jnp.float32),
-                                   logical_axes=("layers",))
+    self.skip_router_w = param(
+      rngs, nnx.initializers.zeros, (c.num_layers, c.dim), jnp.float32, ("layers", "embed")
+    )
+    self.skip_router_b = nnx.Param(
+      jnp.full((c.num_layers,), c.router_init_bias, jnp.float32), logical_axes=("layers",)
+    )
 
   def gate_prob(self, i: int, pooled_ND: jax.Array) -> jax.Array:
     """Execute-probability of layer i from pooled prompt states [N, D] -> [N]."""
-    return gate_probability(self.config, self.skip_router_w[...][i], self.skip_router_b[...][i],
-                            pooled_ND)
+    return gate_probability(
+      self.config, self.skip_router_w[...][i], self.skip_router_b[...][i], pooled_ND
+    )
 
   def _router_and_blocks(self):
     """(block graphdef, xs for run_stacked: (block state, router w [L, D], router b [L]))."""
@@ -147,10 +154,11 @@ class FiRSTTransformer(transformer.Transformer):
     if positions_BS is None:
       positions_BS = transformer.default_positions(tokens_BS, segment_ids_BS)
     seg_BS = jnp.zeros((b, s), jnp.int32) if segment_ids_BS is None else segment_ids_BS
-    is_prompt_BS = (jnp.ones((b, s), bool) if c.prompt_length == 0
-                    else positions_BS < c.prompt_length)
+    is_prompt_BS = (
+      jnp.ones((b, s), bool) if c.prompt_length == 0 else positions_BS < c.prompt_length
+    )
     # pool_BSS[b, s, t]: token t is in token s's segment and is a prompt token.
-    pool_BSS = ((seg_BS[:, :, None] == seg_BS[:, None, :]) & is_prompt_BS[:, None, :])
+    pool_BSS = (seg_BS[:, :, None] == seg_BS[:, None, :]) & is_prompt_BS[:, None, :]
     pool_BSS = pool_BSS.astype(jnp.float32)
     pool_BSS = pool_BSS / jnp.maximum(pool_BSS.sum(-1, keepdims=True), 1.0)
     graphdef, xs = self._router_and_blocks()
@@ -171,8 +179,9 @@ class FiRSTTransformer(transformer.Transformer):
         skipped = 1.0 - jnp.mean(execute_BS.astype(jnp.float32))
       return (x_BSD, None), (skipped, jnp.mean(p_BS))
 
-    x_BSD, _, (skipped, probs) = transformer.run_stacked(c, body, self.embed_tokens(tokens_BS),
-                                                         None, xs)
+    x_BSD, _, (skipped, probs) = transformer.run_stacked(
+      c, body, self.embed_tokens(tokens_BS), None, xs
+    )
     executed_prob = jnp.mean(probs)
     metrics = {"first/executed_prob": executed_prob, "first/skip_fraction": jnp.mean(skipped)}
     losses = {"first/compute": c.skip_penalty * executed_prob} if c.skip_penalty else {}
@@ -182,9 +191,14 @@ class FiRSTTransformer(transformer.Transformer):
 
   def init_cache(self, batch: int, capacity: int, dtype=None) -> FiRSTCache:
     c = self.config
-    kv = kv_cache_lib.KVCache.zeros(num_layers=c.num_layers, batch=batch, capacity=capacity,
-                                    num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                                    dtype=dtype or c.compute_dtype)
+    kv = kv_cache_lib.KVCache.zeros(
+      num_layers=c.num_layers,
+      batch=batch,
+      capacity=capacity,
+      num_kv_heads=c.num_kv_heads,
+      head_dim=c.head_dim,
+      dtype=dtype or c.compute_dtype,
+    )
     return FiRSTCache(kv.k_LBTKD, kv.v_LBTKD, jnp.ones((batch, c.num_layers), bool))
 
   def _cached_layers(self, x_BSD, positions_BS, cache: FiRSTCache, prompt_lengths_B=None):
@@ -215,15 +229,21 @@ class FiRSTTransformer(transformer.Transformer):
         k_BTKD = kv_cache_lib.write(k_BTKD, k_BSKD, write_BS)
         v_BTKD = kv_cache_lib.write(v_BTKD, v_BSKD, write_BS)
         out_BSHD = transformer.attend(
-            c, q_BSHD, k_BTKD.astype(q_BSHD.dtype), v_BTKD.astype(q_BSHD.dtype),
-            positions=positions_BS, kv_positions=kv_positions_BT)
+          c,
+          q_BSHD,
+          k_BTKD.astype(q_BSHD.dtype),
+          v_BTKD.astype(q_BSHD.dtype),
+          positions=positions_BS,
+          kv_positions=kv_positions_BT,
+        )
         y = x + block.attn.o_proj(out_BSHD)
         y = y + block.mlp(block.mlp_norm(y))
         return jnp.where(execute_B[:, None, None], y, x), k_BTKD, v_BTKD
 
       # No row runs this layer: skip its compute altogether.
-      x_BSD, k_BTKD, v_BTKD = jax.lax.cond(jnp.any(execute_B), run, lambda args: args,
-                                           (x_BSD, *layer_kv))
+      x_BSD, k_BTKD, v_BTKD = jax.lax.cond(
+        jnp.any(execute_B), run, lambda args: args, (x_BSD, *layer_kv)
+      )
       return (x_BSD, (k_BTKD, v_BTKD)), execute_B
 
     execute_LB = None if deciding else cache.execute_BL.T
@@ -238,8 +258,9 @@ class FiRSTTransformer(transformer.Transformer):
     """
     b, s = tokens_BS.shape
     positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    x_BSD, cache = self._cached_layers(self.embed_tokens(tokens_BS), positions_BS, cache,
-                                       jnp.asarray(prompt_lengths_B))
+    x_BSD, cache = self._cached_layers(
+      self.embed_tokens(tokens_BS), positions_BS, cache, jnp.asarray(prompt_lengths_B)
+    )
     return self.logits_from_hidden(x_BSD), cache
 
   def forward_cached(self, tokens_BS, positions_BS, cache: FiRSTCache):

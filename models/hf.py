@@ -49,8 +49,11 @@ from jax.sharding import Mesh, NamedSharding
 from models.partitioning import partition_spec  # noqa: F401 (re-exported: hf.partition_spec)
 from models.transformer import DTYPES, Config, Transformer
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {
+  "llama": "LlamaForCausalLM",
+  "qwen2": "Qwen2ForCausalLM",
+  "qwen3": "Qwen3ForCausalLM",
+}
 ROPE_TYPES = ("default", "linear", "llama3")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
@@ -58,8 +61,10 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 _IGNORED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 _SAFETENSORS_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
+  "F64": np.dtype("<f8"),
+  "F32": np.dtype("<f4"),
+  "F16": np.dtype("<f2"),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
 }
 _NUMPY_TO_SAFETENSORS = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
@@ -79,15 +84,19 @@ def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
   theta = float(merged.get("rope_theta", hf.get("rope_theta", 10_000.0)))
   kind = merged.get("rope_type", merged.get("type", "default"))
   if kind not in ROPE_TYPES:
-    raise ValueError(f"config.json rope_scaling rope_type={kind!r} is not supported; "
-                     f"supported: {ROPE_TYPES}")
+    raise ValueError(
+      f"config.json rope_scaling rope_type={kind!r} is not supported; supported: {ROPE_TYPES}"
+    )
   partial = merged.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
   if partial not in (None, 1, 1.0):
     raise ValueError(f"config.json partial_rotary_factor={partial!r}: only 1.0 is supported")
   if kind == "default":
     return theta, None
-  keys = ("factor",) if kind == "linear" else (
-      "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+  keys = (
+    ("factor",)
+    if kind == "linear"
+    else ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+  )
   missing = [k for k in keys if k not in merged]
   if missing:
     raise ValueError(f"config.json rope_scaling ({kind}) lacks {missing}")
@@ -98,15 +107,17 @@ def _sliding_window_from_hf(hf: dict, num_layers: int) -> int | None:
   if not hf.get("use_sliding_window") or not hf.get("sliding_window"):
     return None
   layer_types = hf.get("layer_types") or [
-      "sliding_attention" if i >= hf.get("max_window_layers", 0) else "full_attention"
-      for i in range(num_layers)]
+    "sliding_attention" if i >= hf.get("max_window_layers", 0) else "full_attention"
+    for i in range(num_layers)
+  ]
   sliding = [t == "sliding_attention" for t in layer_types]
   if not any(sliding):
     return None
   if not all(sliding):
     raise ValueError(
-        f"config.json layer_types={layer_types!r}: sliding window on only some layers is not "
-        "supported (Config.sliding_window applies to every layer)")
+      f"config.json layer_types={layer_types!r}: sliding window on only some layers is not "
+      "supported (Config.sliding_window applies to every layer)"
+    )
   return int(hf["sliding_window"])
 
 
@@ -114,12 +125,15 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> Config:
   """Our Config from a Hugging Face config.json dict; ValueError names the bad field."""
   model_type = hf.get("model_type")
   if model_type not in ARCHITECTURES:
-    raise ValueError(f"config.json model_type={model_type!r} is not supported; "
-                     f"supported: {sorted(ARCHITECTURES)}")
+    raise ValueError(
+      f"config.json model_type={model_type!r} is not supported; supported: {sorted(ARCHITECTURES)}"
+    )
   for arch in hf.get("architectures") or ():
     if arch != ARCHITECTURES[model_type]:
-      raise ValueError(f"config.json architectures={hf['architectures']!r} is not supported "
-                       f"for model_type={model_type!r}; expected {ARCHITECTURES[model_type]!r}")
+      raise ValueError(
+        f"config.json architectures={hf['architectures']!r} is not supported "
+        f"for model_type={model_type!r}; expected {ARCHITECTURES[model_type]!r}"
+      )
   act = hf.get("hidden_act", "silu")
   if act != "silu":
     raise ValueError(f"config.json hidden_act={act!r}: only 'silu' (SwiGLU) is supported")
@@ -127,30 +141,35 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> Config:
     raise ValueError("config.json mlp_bias=True is not supported")
   if dtype not in DTYPES:
     raise ValueError(f"dtype={dtype!r}; allowed: {sorted(DTYPES)}")
-  for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "intermediate_size"):
+  for field in (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+  ):
     if field not in hf:
       raise ValueError(f"config.json lacks required field {field!r}")
   heads = hf["num_attention_heads"]
   theta, scaling = _rope_from_hf(hf)
   qkv_bias = True if model_type == "qwen2" else bool(hf.get("attention_bias", False))
   return Config(
-      vocab_size=hf["vocab_size"],
-      dim=hf["hidden_size"],
-      num_layers=hf["num_hidden_layers"],
-      num_heads=heads,
-      num_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-      mlp_dim=hf["intermediate_size"],
-      rope_theta=theta,
-      rope_scaling=scaling,
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      qkv_bias=qkv_bias,
-      qk_norm=model_type == "qwen3",
-      sliding_window=_sliding_window_from_hf(hf, hf["num_hidden_layers"]),
-      dtype=dtype,
-      param_dtype=dtype,
+    vocab_size=hf["vocab_size"],
+    dim=hf["hidden_size"],
+    num_layers=hf["num_hidden_layers"],
+    num_heads=heads,
+    num_kv_heads=hf.get("num_key_value_heads") or heads,
+    head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+    mlp_dim=hf["intermediate_size"],
+    rope_theta=theta,
+    rope_scaling=scaling,
+    norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    qkv_bias=qkv_bias,
+    qk_norm=model_type == "qwen3",
+    sliding_window=_sliding_window_from_hf(hf, hf["num_hidden_layers"]),
+    dtype=dtype,
+    param_dtype=dtype,
   )
 
 
@@ -171,26 +190,28 @@ def config_to_hf(config: Config, *, dtype: str, max_position_embeddings: int) ->
   c = config
   model_type = model_type_for(c)
   if c.sliding_window is not None and model_type == "llama":
-    raise ValueError(f"model.sliding_window={c.sliding_window}: Llama checkpoints have no "
-                     "sliding window (only qwen2/qwen3, i.e. qkv_bias or qk_norm)")
+    raise ValueError(
+      f"model.sliding_window={c.sliding_window}: Llama checkpoints have no "
+      "sliding window (only qwen2/qwen3, i.e. qkv_bias or qk_norm)"
+    )
   hf = {
-      "architectures": [ARCHITECTURES[model_type]],
-      "model_type": model_type,
-      "vocab_size": c.vocab_size,
-      "hidden_size": c.dim,
-      "intermediate_size": c.mlp_dim,
-      "num_hidden_layers": c.num_layers,
-      "num_attention_heads": c.num_heads,
-      "num_key_value_heads": c.num_kv_heads,
-      "head_dim": c.head_dim,
-      "hidden_act": "silu",
-      "max_position_embeddings": max_position_embeddings,
-      "rms_norm_eps": c.norm_eps,
-      "rope_theta": c.rope_theta,
-      "rope_scaling": dict(c.rope_scaling) if c.rope_scaling else None,
-      "tie_word_embeddings": c.tie_embeddings,
-      "torch_dtype": dtype,
-      "use_cache": True,
+    "architectures": [ARCHITECTURES[model_type]],
+    "model_type": model_type,
+    "vocab_size": c.vocab_size,
+    "hidden_size": c.dim,
+    "intermediate_size": c.mlp_dim,
+    "num_hidden_layers": c.num_layers,
+    "num_attention_heads": c.num_heads,
+    "num_key_value_heads": c.num_kv_heads,
+    "head_dim": c.head_dim,
+    "hidden_act": "silu",
+    "max_position_embeddings": max_position_embeddings,
+    "rms_norm_eps": c.norm_eps,
+    "rope_theta": c.rope_theta,
+    "rope_scaling": dict(c.rope_scaling) if c.rope_scaling else None,
+    "tie_word_embeddings": c.tie_embeddings,
+    "torch_dtype": dtype,
+    "use_cache": True,
   }
   if model_type != "qwen2":
     hf["attention_bias"] = c.qkv_bias
@@ -198,10 +219,15 @@ def config_to_hf(config: Config, *, dtype: str, max_position_embeddings: int) ->
     hf["mlp_bias"] = False
   else:
     window = c.sliding_window
-    hf.update(use_sliding_window=window is not None, sliding_window=window,
-              max_window_layers=0 if window is not None else c.num_layers,
-              layer_types=[("sliding_attention" if window is not None else "full_attention")
-                           for _ in range(c.num_layers)])
+    hf.update(
+      use_sliding_window=window is not None,
+      sliding_window=window,
+      max_window_layers=0 if window is not None else c.num_layers,
+      layer_types=[
+        ("sliding_attention" if window is not None else "full_attention")
+        for _ in range(c.num_layers)
+      ],
+    )
   return hf
 
 
@@ -216,6 +242,7 @@ class _TensorMap:
   `to_ours` maps an HF array to our layout using only views (reshape of a
   contiguous array, transpose), so slicing its result reads only that slice.
   """
+
   path: tuple[str, ...]
   hf_name: str
   hf_shape: tuple[int, ...]
@@ -244,44 +271,86 @@ def _tensor_maps(c: Config) -> list[_TensorMap]:
   d, m, hd = c.dim, c.mlp_dim, c.head_dim
   pre = "model.layers.{layer}."
   maps = [
-      _TensorMap(("embed",), "model.embed_tokens.weight", (c.vocab_size, d), _identity,
-                 _identity),
-      _TensorMap(("layers", "attn_norm", "scale"), pre + "input_layernorm.weight", (d,),
-                 _identity, _identity),
+    _TensorMap(("embed",), "model.embed_tokens.weight", (c.vocab_size, d), _identity, _identity),
+    _TensorMap(
+      ("layers", "attn_norm", "scale"), pre + "input_layernorm.weight", (d,), _identity, _identity
+    ),
   ]
-  for proj, heads in (("q_proj", c.num_heads), ("k_proj", c.num_kv_heads),
-                      ("v_proj", c.num_kv_heads)):
-    maps.append(_TensorMap(
-        ("layers", "attn", proj, "kernel"), pre + f"self_attn.{proj}.weight", (heads * hd, d),
+  for proj, heads in (
+    ("q_proj", c.num_heads),
+    ("k_proj", c.num_kv_heads),
+    ("v_proj", c.num_kv_heads),
+  ):
+    maps.append(
+      _TensorMap(
+        ("layers", "attn", proj, "kernel"),
+        pre + f"self_attn.{proj}.weight",
+        (heads * hd, d),
         lambda w, h=heads: w.reshape(h, hd, d).transpose(2, 0, 1),
-        lambda k, h=heads: k.transpose(1, 2, 0).reshape(h * hd, d)))
+        lambda k, h=heads: k.transpose(1, 2, 0).reshape(h * hd, d),
+      )
+    )
     if c.qkv_bias:
-      maps.append(_TensorMap(
-          ("layers", "attn", proj, "bias"), pre + f"self_attn.{proj}.bias", (heads * hd,),
-          lambda b, h=heads: b.reshape(h, hd), lambda b, h=heads: b.reshape(h * hd)))
-  maps.append(_TensorMap(
-      ("layers", "attn", "o_proj", "kernel"), pre + "self_attn.o_proj.weight",
+      maps.append(
+        _TensorMap(
+          ("layers", "attn", proj, "bias"),
+          pre + f"self_attn.{proj}.bias",
+          (heads * hd,),
+          lambda b, h=heads: b.reshape(h, hd),
+          lambda b, h=heads: b.reshape(h * hd),
+        )
+      )
+  maps.append(
+    _TensorMap(
+      ("layers", "attn", "o_proj", "kernel"),
+      pre + "self_attn.o_proj.weight",
       (d, c.num_heads * hd),
       lambda w: w.reshape(d, c.num_heads, hd).transpose(1, 2, 0),
-      lambda k: k.transpose(2, 0, 1).reshape(d, c.num_heads * hd)))
+      lambda k: k.transpose(2, 0, 1).reshape(d, c.num_heads * hd),
+    )
+  )
   if c.qk_norm:
     for norm in ("q_norm", "k_norm"):
-      maps.append(_TensorMap(("layers", "attn", norm, "scale"), pre + f"self_attn.{norm}.weight",
-                             (hd,), _identity, _identity))
+      maps.append(
+        _TensorMap(
+          ("layers", "attn", norm, "scale"),
+          pre + f"self_attn.{norm}.weight",
+          (hd,),
+          _identity,
+          _identity,
+        )
+      )
   maps += [
-      _TensorMap(("layers", "mlp_norm", "scale"), pre + "post_attention_layernorm.weight", (d,),
-                 _identity, _identity),
-      _TensorMap(("layers", "mlp", "gate", "kernel"), pre + "mlp.gate_proj.weight", (m, d),
-                 _transpose, _transpose),
-      _TensorMap(("layers", "mlp", "up", "kernel"), pre + "mlp.up_proj.weight", (m, d),
-                 _transpose, _transpose),
-      _TensorMap(("layers", "mlp", "down", "kernel"), pre + "mlp.down_proj.weight", (d, m),
-                 _transpose, _transpose),
-      _TensorMap(("final_norm", "scale"), "model.norm.weight", (d,), _identity, _identity),
+    _TensorMap(
+      ("layers", "mlp_norm", "scale"),
+      pre + "post_attention_layernorm.weight",
+      (d,),
+      _identity,
+      _identity,
+    ),
+    _TensorMap(
+      ("layers", "mlp", "gate", "kernel"),
+      pre + "mlp.gate_proj.weight",
+      (m, d),
+      _transpose,
+      _transpose,
+    ),
+    _TensorMap(
+      ("layers", "mlp", "up", "kernel"), pre + "mlp.up_proj.weight", (m, d), _transpose, _transpose
+    ),
+    _TensorMap(
+      ("layers", "mlp", "down", "kernel"),
+      pre + "mlp.down_proj.weight",
+      (d, m),
+      _transpose,
+      _transpose,
+    ),
+    _TensorMap(("final_norm", "scale"), "model.norm.weight", (d,), _identity, _identity),
   ]
   if not c.tie_embeddings:
-    maps.append(_TensorMap(("lm_head", "kernel"), "lm_head.weight", (c.vocab_size, d),
-                           _transpose, _transpose))
+    maps.append(
+      _TensorMap(("lm_head", "kernel"), "lm_head.weight", (c.vocab_size, d), _transpose, _transpose)
+    )
   return maps
 
 
@@ -317,7 +386,7 @@ class _SafetensorsFile:
       self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
     entry = self.entries[name]
     begin, end = entry["data_offsets"]
-    raw = self._mmap[self.data_start + begin:self.data_start + end]
+    raw = self._mmap[self.data_start + begin : self.data_start + end]
     return raw.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
@@ -330,14 +399,15 @@ class _Checkpoint:
     if os.path.exists(index_path):
       with open(index_path) as f:
         weight_map = json.load(f)["weight_map"]
-      files = {name: _SafetensorsFile(os.path.join(path, name))
-               for name in sorted(set(weight_map.values()))}
+      files = {
+        name: _SafetensorsFile(os.path.join(path, name))
+        for name in sorted(set(weight_map.values()))
+      }
     elif os.path.exists(single_path):
       files = {"model.safetensors": _SafetensorsFile(single_path)}
       weight_map = None
     else:
-      raise FileNotFoundError(
-          f"{path}: no model.safetensors or model.safetensors.index.json")
+      raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     self.files = files
     self.where: dict[str, _SafetensorsFile] = {}
     for file in files.values():
@@ -346,8 +416,10 @@ class _Checkpoint:
     if weight_map is not None:
       for name, file_name in weight_map.items():
         if name not in self.where:
-          raise ValueError(f"model.safetensors.index.json lists tensor {name!r} in "
-                           f"{file_name}, which does not contain it")
+          raise ValueError(
+            f"model.safetensors.index.json lists tensor {name!r} in "
+            f"{file_name}, which does not contain it"
+          )
 
   def names(self) -> set[str]:
     return set(self.where)
@@ -375,29 +447,37 @@ def _check_tensors(ckpt: _Checkpoint, config: Config, model_type: str, path: str
   missing = [n for n in expected if n not in present]
   if missing:
     raise ValueError(
-        f"{path}: checkpoint is missing tensor {missing[0]!r} (expected shape "
-        f"{expected[missing[0]]})" + (f" and {len(missing) - 1} more: {missing[1:6]}"
-                                      if len(missing) > 1 else ""))
-  extra = sorted(n for n in present - expected.keys() - optional
-                 if not _IGNORED_TENSORS.fullmatch(n))
+      f"{path}: checkpoint is missing tensor {missing[0]!r} (expected shape "
+      f"{expected[missing[0]]})"
+      + (f" and {len(missing) - 1} more: {missing[1:6]}" if len(missing) > 1 else "")
+    )
+  extra = sorted(
+    n for n in present - expected.keys() - optional if not _IGNORED_TENSORS.fullmatch(n)
+  )
   if extra:
     raise ValueError(
-        f"{path}: checkpoint has unexpected tensor {extra[0]!r} (shape {ckpt.shape(extra[0])}) "
-        f"that a {model_type} model with this config.json does not have"
-        + (f"; {len(extra) - 1} more: {extra[1:6]}" if len(extra) > 1 else ""))
+      f"{path}: checkpoint has unexpected tensor {extra[0]!r} (shape {ckpt.shape(extra[0])}) "
+      f"that a {model_type} model with this config.json does not have"
+      + (f"; {len(extra) - 1} more: {extra[1:6]}" if len(extra) > 1 else "")
+    )
   for name, shape in expected.items():
     if ckpt.shape(name) != shape:
-      raise ValueError(f"{path}: tensor {name!r} has shape {ckpt.shape(name)}; config.json "
-                       f"implies expected shape {shape}")
+      raise ValueError(
+        f"{path}: tensor {name!r} has shape {ckpt.shape(name)}; config.json "
+        f"implies expected shape {shape}"
+      )
     dtype = ckpt.where[name].dtype_name(name)
     if dtype not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}; supported: "
-                       f"{sorted(_SAFETENSORS_DTYPES)}")
+      raise ValueError(
+        f"{path}: tensor {name!r} has dtype {dtype}; supported: {sorted(_SAFETENSORS_DTYPES)}"
+      )
   if _has_o_proj_bias(model_type, config):
     for name in _o_proj_bias_names(config):
       if np.any(ckpt.array(name)):
-        raise ValueError(f"{path}: tensor {name!r} is nonzero; o_proj biases are not supported "
-                         "(attention_bias=True is only loadable with zero o_proj bias)")
+        raise ValueError(
+          f"{path}: tensor {name!r} is nonzero; o_proj biases are not supported "
+          "(attention_bias=True is only loadable with zero o_proj bias)"
+        )
 
 
 def _read_callback(ckpt: _Checkpoint, tmap: _TensorMap, num_layers: int, dtype):
@@ -407,8 +487,9 @@ def _read_callback(ckpt: _Checkpoint, tmap: _TensorMap, num_layers: int, dtype):
   def read(index):
     if tmap.stacked:
       rest = tuple(index[1:])
-      shard = np.stack([tmap.to_ours(ckpt.array(names[i]))[rest]
-                        for i in range(num_layers)[index[0]]])
+      shard = np.stack(
+        [tmap.to_ours(ckpt.array(names[i]))[rest] for i in range(num_layers)[index[0]]]
+      )
     else:
       shard = tmap.to_ours(ckpt.array(names[0]))[tuple(index)]
     return np.ascontiguousarray(shard.astype(dtype))
@@ -426,8 +507,12 @@ def load_config(path: str, dtype: str = "float32") -> tuple[Config, dict]:
   return config_from_hf(hf, dtype), hf
 
 
-def load(path: str, dtype: str = "float32", mesh: Mesh | None = None,
-         rules: Iterable[tuple[str, Any]] | None = None) -> tuple[Transformer, Config]:
+def load(
+  path: str,
+  dtype: str = "float32",
+  mesh: Mesh | None = None,
+  rules: Iterable[tuple[str, Any]] | None = None,
+) -> tuple[Transformer, Config]:
   """Loads a Llama / Qwen2 / Qwen3 safetensors checkpoint directory.
 
   Args:
@@ -454,8 +539,9 @@ def load(path: str, dtype: str = "float32", mesh: Mesh | None = None,
   variables = dict(nnx.to_flat_state(state))
   maps = {tmap.path: tmap for tmap in _tensor_maps(config)}
   if set(variables) != set(maps):
-    raise AssertionError(f"hf mapping out of date with Transformer: "
-                         f"{set(variables) ^ set(maps)}")  # a bug in this file, not the input
+    raise AssertionError(
+      f"hf mapping out of date with Transformer: {set(variables) ^ set(maps)}"
+    )  # a bug in this file, not the input
   device = jax.local_devices()[0]
   for var_path, variable in variables.items():
     if mesh is None:
@@ -465,14 +551,15 @@ def load(path: str, dtype: str = "float32", mesh: Mesh | None = None,
       sharding = NamedSharding(mesh, partition_spec(axes, variable.shape, mesh, rules))
     np_dtype = np.dtype(variable.dtype)
     array = jax.make_array_from_callback(
-        variable.shape, sharding,
-        _read_callback(ckpt, maps[var_path], config.num_layers, np_dtype))
+      variable.shape, sharding, _read_callback(ckpt, maps[var_path], config.num_layers, np_dtype)
+    )
     variable.set_value(array)
   return nnx.merge(graphdef, state), config
 
 
-def _shard_plan(tensors: list[tuple[str, tuple[int, ...], Callable]], dtype: np.dtype,
-                max_shard_bytes: int) -> list[list]:
+def _shard_plan(
+  tensors: list[tuple[str, tuple[int, ...], Callable]], dtype: np.dtype, max_shard_bytes: int
+) -> list[list]:
   shards, current, size = [], [], 0
   for entry in tensors:
     nbytes = math.prod(entry[1]) * dtype.itemsize
@@ -491,8 +578,11 @@ def _write_safetensors(file_path: str, tensors: list, dtype: np.dtype) -> None:
   header, offset = {}, 0
   for name, shape, _ in tensors:
     nbytes = math.prod(shape) * dtype.itemsize
-    header[name] = {"dtype": _NUMPY_TO_SAFETENSORS[dtype], "shape": list(shape),
-                    "data_offsets": [offset, offset + nbytes]}
+    header[name] = {
+      "dtype": _NUMPY_TO_SAFETENSORS[dtype],
+      "shape": list(shape),
+      "data_offsets": [offset, offset + nbytes],
+    }
     offset += nbytes
   header["__metadata__"] = {"format": "pt"}
   header_bytes = json.dumps(header, separators=(",", ":")).encode()
@@ -507,9 +597,17 @@ def _write_safetensors(file_path: str, tensors: list, dtype: np.dtype) -> None:
       f.write(array.tobytes())
 
 
-def save(model: Transformer, config: Config, path: str, dtype: str | None = None, *,
-         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, max_position_embeddings: int = 32768,
-         extra_config: dict | None = None, generation_config: dict | None = None) -> None:
+def save(
+  model: Transformer,
+  config: Config,
+  path: str,
+  dtype: str | None = None,
+  *,
+  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+  max_position_embeddings: int = 32768,
+  extra_config: dict | None = None,
+  generation_config: dict | None = None,
+) -> None:
   """Writes a checkpoint that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
   Args:
@@ -537,19 +635,31 @@ def save(model: Transformer, config: Config, path: str, dtype: str | None = None
   values = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   for p, value in values.items():
     if isinstance(value, jax.Array) and not value.is_fully_addressable:
-      raise ValueError(f"hf.save: parameter {'.'.join(p)} spans several processes; "
-                       "gather it first (multi-host export is not supported)")
+      raise ValueError(
+        f"hf.save: parameter {'.'.join(p)} spans several processes; "
+        "gather it first (multi-host export is not supported)"
+      )
 
   tensors = []
   for tmap in _tensor_maps(config):
     value = values[tmap.path]
     if tmap.stacked:
       for i, name in enumerate(tmap.hf_names(config.num_layers)):
-        tensors.append((name, tmap.hf_shape,
-                        lambda v=value, i=i, f=tmap.to_hf: f(np.asarray(jax.device_get(v[i])))))
+        tensors.append(
+          (
+            name,
+            tmap.hf_shape,
+            lambda v=value, i=i, f=tmap.to_hf: f(np.asarray(jax.device_get(v[i]))),
+          )
+        )
     else:
-      tensors.append((tmap.hf_name, tmap.hf_shape,
-                      lambda v=value, f=tmap.to_hf: f(np.asarray(jax.device_get(v)))))
+      tensors.append(
+        (
+          tmap.hf_name,
+          tmap.hf_shape,
+          lambda v=value, f=tmap.to_hf: f(np.asarray(jax.device_get(v))),
+        )
+      )
   if _has_o_proj_bias(model_type, config):
     for name in _o_proj_bias_names(config):
       tensors.append((name, (config.dim,), lambda: np.zeros((config.dim,), np_dtype)))

@@ -28,8 +28,9 @@ class KVCache:
   v_LBTKD: jax.Array
 
   @classmethod
-  def zeros(cls, *, num_layers: int, batch: int, capacity: int, num_kv_heads: int,
-            head_dim: int, dtype) -> "KVCache":
+  def zeros(
+    cls, *, num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int, dtype
+  ) -> "KVCache":
     shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
@@ -51,5 +52,4 @@ def write(cache_BTKD: jax.Array, new_BSKD: jax.Array, positions_BS: jax.Array) -
   """
   b = cache_BTKD.shape[0]
   rows_BS = jnp.broadcast_to(jnp.arange(b)[:, None], positions_BS.shape)
-  return cache_BTKD.at[rows_BS, positions_BS].set(
-      new_BSKD.astype(cache_BTKD.dtype), mode="drop")
+  return cache_BTKD.at[rows_BS, positions_BS].set(new_BSKD.astype(cache_BTKD.dtype), mode="drop")

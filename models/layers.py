@@ -40,23 +40,33 @@ class DenseGeneral(nnx.Module):
   W has shape in_shape + out_shape; the logical axes name both parts.
   """
 
-  def __init__(self, in_shape: Shape, out_shape: Shape, *, in_axes: LogicalAxes,
-               out_axes: LogicalAxes, use_bias: bool, dtype, param_dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_shape: Shape,
+    out_shape: Shape,
+    *,
+    in_axes: LogicalAxes,
+    out_axes: LogicalAxes,
+    use_bias: bool,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     fan_in = math.prod(in_shape)
-    init = nnx.initializers.normal(stddev=fan_in ** -0.5)
+    init = nnx.initializers.normal(stddev=fan_in**-0.5)
     self.in_ndim = len(in_shape)
     self.kernel = param(rngs, init, in_shape + out_shape, param_dtype, in_axes + out_axes)
-    self.bias = (param(rngs, nnx.initializers.zeros, out_shape, param_dtype, out_axes)
-                 if use_bias else None)
+    self.bias = (
+      param(rngs, nnx.initializers.zeros, out_shape, param_dtype, out_axes) if use_bias else None
+    )
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...].astype(self.dtype)
     n = self.in_ndim
     y = jax.lax.dot_general(
-        x.astype(self.dtype), kernel,
-        ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+      x.astype(self.dtype), kernel, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
+    )
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -65,8 +75,9 @@ class DenseGeneral(nnx.Module):
 class RMSNorm(nnx.Module):
   """x / rms(x) · scale over the last axis, computed in float32."""
 
-  def __init__(self, dim: int, *, eps: float, dtype, param_dtype, logical_axis: str,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, dim: int, *, eps: float, dtype, param_dtype, logical_axis: str, rngs: nnx.Rngs
+  ):
     self.scale = param(rngs, nnx.initializers.ones, (dim,), param_dtype, (logical_axis,))
     self.eps = eps
     self.dtype = dtype
@@ -77,8 +88,9 @@ class RMSNorm(nnx.Module):
     return (normed * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
-def rope_inverse_frequencies(head_dim: int, theta: float,
-                             scaling: dict[str, Any] | None) -> jax.Array:
+def rope_inverse_frequencies(
+  head_dim: int, theta: float, scaling: dict[str, Any] | None
+) -> jax.Array:
   """Inverse frequencies [head_dim // 2] of rotary embedding, with optional scaling.
 
   `scaling` follows Hugging Face's `rope_scaling`: {"rope_type": "linear",
@@ -87,7 +99,7 @@ def rope_inverse_frequencies(head_dim: int, theta: float,
   rescales low frequencies smoothly as in Llama 3.1.
   """
   exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-  inv_freq = 1.0 / (theta ** exponents)
+  inv_freq = 1.0 / (theta**exponents)
   if not scaling:
     return inv_freq
   kind = scaling.get("rope_type", scaling.get("type"))

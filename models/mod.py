@@ -88,23 +88,34 @@ class Config(transformer.Config):
 
   def validate(self) -> None:
     super().validate()
-    if isinstance(self.capacity, bool) or not isinstance(self.capacity, (int, float)) or not (
-        0 < self.capacity <= 1):
+    if (
+      isinstance(self.capacity, bool)
+      or not isinstance(self.capacity, (int, float))
+      or not (0 < self.capacity <= 1)
+    ):
       raise ValueError(f"model.capacity={self.capacity!r}: must be in (0, 1]")
     for name in ("routed_every", "predictor_hidden"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"model.{name}={value!r}: must be a positive integer")
-    if (not isinstance(self.routed_offset, int) or isinstance(self.routed_offset, bool)
-        or not 0 <= self.routed_offset < self.routed_every):
-      raise ValueError(f"model.routed_offset={self.routed_offset!r}: must be an integer in "
-                       f"[0, model.routed_every={self.routed_every})")
+    if (
+      not isinstance(self.routed_offset, int)
+      or isinstance(self.routed_offset, bool)
+      or not 0 <= self.routed_offset < self.routed_every
+    ):
+      raise ValueError(
+        f"model.routed_offset={self.routed_offset!r}: must be an integer in "
+        f"[0, model.routed_every={self.routed_every})"
+      )
     if not self.routed_layers:
-      raise ValueError(f"model.routed_offset={self.routed_offset!r}: no routed block among "
-                       f"model.num_layers={self.num_layers}")
+      raise ValueError(
+        f"model.routed_offset={self.routed_offset!r}: no routed block among "
+        f"model.num_layers={self.num_layers}"
+      )
     if self.router_activation not in ROUTER_ACTIVATIONS:
-      raise ValueError(f"model.router_activation={self.router_activation!r}; "
-                       f"allowed: {ROUTER_ACTIVATIONS}")
+      raise ValueError(
+        f"model.router_activation={self.router_activation!r}; allowed: {ROUTER_ACTIVATIONS}"
+      )
     if self.decode_router not in DECODE_ROUTERS:
       raise ValueError(f"model.decode_router={self.decode_router!r}; allowed: {DECODE_ROUTERS}")
     for name in ("router_loss_weight", "predictor_loss_weight"):
@@ -145,8 +156,15 @@ def _residual_f(block, x_BSD, positions_BS, segment_ids_BS, kv_segment_ids_BS=No
   """
   c = block.attn.config
   q_BSHD, k_BSKD, v_BSKD = block.attn.project_qkv(block.attn_norm(x_BSD), positions_BS)
-  out_BSHD = transformer.attend(c, q_BSHD, k_BSKD, v_BSKD, segment_ids=segment_ids_BS,
-                                positions=positions_BS, kv_segment_ids=kv_segment_ids_BS)
+  out_BSHD = transformer.attend(
+    c,
+    q_BSHD,
+    k_BSKD,
+    v_BSKD,
+    segment_ids=segment_ids_BS,
+    positions=positions_BS,
+    kv_segment_ids=kv_segment_ids_BS,
+  )
   a_BSD = block.attn.o_proj(out_BSHD)
   return a_BSD + block.mlp(block.mlp_norm(x_BSD + a_BSD))
 
@@ -159,28 +177,33 @@ class MoDTransformer(transformer.Transformer):
     c = config
     r, d, h = len(c.routed_layers), c.dim, c.predictor_hidden
     normal = nnx.initializers.normal
-    self.router = param(rngs, normal(d ** -0.5), (r, d), c.weight_dtype, ("layers", "embed"))
-    self.predictor_w1 = param(rngs, normal(d ** -0.5), (r, d, h), jnp.float32,
-                              ("layers", "embed", None))
-    self.predictor_b1 = param(rngs, nnx.initializers.zeros, (r, h), jnp.float32,
-                              ("layers", None))
-    self.predictor_w2 = param(rngs, normal(h ** -0.5), (r, h), jnp.float32, ("layers", None))
+    self.router = param(rngs, normal(d**-0.5), (r, d), c.weight_dtype, ("layers", "embed"))
+    self.predictor_w1 = param(
+      rngs, normal(d**-0.5), (r, d, h), jnp.float32, ("layers", "embed", None)
+    )
+    self.predictor_b1 = param(rngs, nnx.initializers.zeros, (r, h), jnp.float32, ("layers", None))
+    self.predictor_w2 = param(rngs, normal(h**-0.5), (r, h), jnp.float32, ("layers", None))
     self.predictor_b2 = param(rngs, nnx.initializers.zeros, (r,), jnp.float32, ("layers",))
 
   # -- routing pieces (rp: one routed block's parameters, from `routed_params`) --
 
   def routed_params(self, j: int | None = None) -> dict:
     """Router and predictor parameters of routed block j, or all of them stacked [R, ...]."""
-    rp = {"router_D": self.router[...],
-          "predictor": {"w1_DH": self.predictor_w1[...], "b1_H": self.predictor_b1[...],
-                        "w2_H": self.predictor_w2[...], "b2": self.predictor_b2[...]}}
+    rp = {
+      "router_D": self.router[...],
+      "predictor": {
+        "w1_DH": self.predictor_w1[...],
+        "b1_H": self.predictor_b1[...],
+        "w2_H": self.predictor_w2[...],
+        "b2": self.predictor_b2[...],
+      },
+    }
     return rp if j is None else jax.tree.map(lambda a: a[j], rp)
 
   @staticmethod
   def router_logits(rp: dict, x_BSD: jax.Array) -> jax.Array:
     """r = wᵀx of a routed block, float32 [B, S]."""
-    return jnp.einsum("bsd,d->bs", x_BSD.astype(jnp.float32),
-                      rp["router_D"].astype(jnp.float32))
+    return jnp.einsum("bsd,d->bs", x_BSD.astype(jnp.float32), rp["router_D"].astype(jnp.float32))
 
   def router_weight(self, r_BS: jax.Array) -> jax.Array:
     kind = self.config.router_activation
@@ -215,19 +238,24 @@ class MoDTransformer(transformer.Transformer):
     f_BKD = _residual_f(block, x_BKD, sel.positions_BK, sel.segment_ids_BK)
     new_BKD = x_BKD + (g_BK[..., None] * f_BKD.astype(jnp.float32)).astype(x_BSD.dtype)
     pred_logits_BS = routing.predictor_logits(rp["predictor"], x_BSD)
-    stats = {"router_bce": routing.router_bce_loss(r_BS, sel.mask_BS),
-             "predictor_bce": routing.bce_with_logits(pred_logits_BS, sel.mask_BS),
-             "routed_fraction": jnp.float32(k / s),
-             "router_weight_selected": jnp.mean(g_BK),
-             "router_accuracy": routing.routing_accuracy(r_BS, sel.mask_BS),
-             "predictor_accuracy": routing.routing_accuracy(pred_logits_BS, sel.mask_BS)}
+    stats = {
+      "router_bce": routing.router_bce_loss(r_BS, sel.mask_BS),
+      "predictor_bce": routing.bce_with_logits(pred_logits_BS, sel.mask_BS),
+      "routed_fraction": jnp.float32(k / s),
+      "router_weight_selected": jnp.mean(g_BK),
+      "router_accuracy": routing.routing_accuracy(r_BS, sel.mask_BS),
+      "predictor_accuracy": routing.routing_accuracy(pred_logits_BS, sel.mask_BS),
+    }
     return routing.scatter_tokens(x_BSD, new_BKD, sel.indices_BK), stats
 
   def _routed_threshold(self, block, rp, x_BSD, positions_BS, segment_ids_BS):
     """Masked-dense: each token routed by the decode rule; unrouted keys hidden."""
     route_BS = self.decide(rp, x_BSD)
-    seg_BS = (jnp.zeros(x_BSD.shape[:2], jnp.int32) if segment_ids_BS is None
-              else segment_ids_BS.astype(jnp.int32))
+    seg_BS = (
+      jnp.zeros(x_BSD.shape[:2], jnp.int32)
+      if segment_ids_BS is None
+      else segment_ids_BS.astype(jnp.int32)
+    )
     kv_seg_BS = jnp.where(route_BS, seg_BS, -1)
     f_BSD = _residual_f(block, x_BSD, positions_BS, seg_BS, kv_seg_BS)
     g_BS = self.router_weight(self.router_logits(rp, x_BSD))
@@ -252,11 +280,15 @@ class MoDTransformer(transformer.Transformer):
     k_BTKD = kv_cache_lib.write(k_BTKD, k_BSKD, write_pos_BS)
     v_BTKD = kv_cache_lib.write(v_BTKD, v_BSKD, write_pos_BS)
     out_BSHD = transformer.attend(
-        self.config, q_BSHD, k_BTKD.astype(q_BSHD.dtype), v_BTKD.astype(q_BSHD.dtype),
-        positions=positions_BS,
-        kv_positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
-        segment_ids=jnp.ones(positions_BS.shape, jnp.int32),
-        kv_segment_ids=valid_BT.astype(jnp.int32))
+      self.config,
+      q_BSHD,
+      k_BTKD.astype(q_BSHD.dtype),
+      v_BTKD.astype(q_BSHD.dtype),
+      positions=positions_BS,
+      kv_positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+      segment_ids=jnp.ones(positions_BS.shape, jnp.int32),
+      kv_segment_ids=valid_BT.astype(jnp.int32),
+    )
     a_BSD = block.attn.o_proj(out_BSHD)
     if rp is not None:
       f_BSD = a_BSD + block.mlp(block.mlp_norm(x_BSD + a_BSD))
@@ -291,11 +323,13 @@ class MoDTransformer(transformer.Transformer):
           block = nnx.merge(block_def, jax.tree.map(lambda a, q=q: a[q], states))
           layer_cache = None if group_cache is None else tuple(a[q] for a in group_cache)
           x_BSD, layer_cache, layer_stats = layer_fn(
-              block, rp if q == c.routed_offset else None, x_BSD, layer_cache)
+            block, rp if q == c.routed_offset else None, x_BSD, layer_cache
+          )
           stats.update(layer_stats)
           if group_cache is not None:
             group_cache = tuple(a.at[q].set(u) for a, u in zip(group_cache, layer_cache))
         return (x_BSD, group_cache), stats
+
       return body
 
     def part(lo, hi):  # Layers [lo, hi) of a pytree with a leading layers axis.
@@ -303,20 +337,26 @@ class MoDTransformer(transformer.Transformer):
 
     stats, caches = [], []
     if full:
-      states = jax.tree.map(lambda a: a[:full * per].reshape((full, per) + a.shape[1:]),
-                            block_state)
+      states = jax.tree.map(
+        lambda a: a[: full * per].reshape((full, per) + a.shape[1:]), block_state
+      )
       x_BSD, group_cache, ys = transformer.run_stacked(
-          c, group(per), x_BSD, cache if not tail else part(0, full * per),
-          (states, jax.tree.map(lambda a: a[:full], rps)), layers_per_step=per)
+        c,
+        group(per),
+        x_BSD,
+        cache if not tail else part(0, full * per),
+        (states, jax.tree.map(lambda a: a[:full], rps)),
+        layers_per_step=per,
+      )
       stats.append(ys)
       caches.append(group_cache)
     if tail:
       has_routed = c.routed_offset < tail
-      states = jax.tree.map(lambda a: a[full * per:][None], block_state)
-      rp = jax.tree.map(lambda a: a[full:full + 1], rps) if has_routed else None
+      states = jax.tree.map(lambda a: a[full * per :][None], block_state)
+      rp = jax.tree.map(lambda a: a[full : full + 1], rps) if has_routed else None
       x_BSD, tail_cache, ys = transformer.run_stacked(
-          c, group(tail), x_BSD, part(full * per, c.num_layers), (states, rp),
-          layers_per_step=tail)
+        c, group(tail), x_BSD, part(full * per, c.num_layers), (states, rp), layers_per_step=tail
+      )
       if has_routed:
         stats.append(ys)
       caches.append(tail_cache)
@@ -363,9 +403,14 @@ class MoDTransformer(transformer.Transformer):
 
   def init_cache(self, batch: int, capacity: int, dtype=None) -> MoDCache:
     c = self.config
-    kv = kv_cache_lib.KVCache.zeros(num_layers=c.num_layers, batch=batch, capacity=capacity,
-                                    num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                                    dtype=dtype or c.compute_dtype)
+    kv = kv_cache_lib.KVCache.zeros(
+      num_layers=c.num_layers,
+      batch=batch,
+      capacity=capacity,
+      num_kv_heads=c.num_kv_heads,
+      head_dim=c.head_dim,
+      dtype=dtype or c.compute_dtype,
+    )
     return MoDCache(kv.k_LBTKD, kv.v_LBTKD, jnp.zeros((c.num_layers, batch, capacity), bool))
 
   def run_layers(self, x_BSD, positions_BS, segment_ids_BS, cache: MoDCache | None):

@@ -19,8 +19,9 @@ from jax.sharding import Mesh, PartitionSpec
 Rules = Iterable[tuple[str, Any]]
 
 
-def rules_table(rules: Rules | None, mesh_axes: Sequence[str], *,
-                field: str = "logical_axis_rules") -> dict[str, tuple[str, ...]]:
+def rules_table(
+  rules: Rules | None, mesh_axes: Sequence[str], *, field: str = "logical_axis_rules"
+) -> dict[str, tuple[str, ...]]:
   """Logical name -> tuple of mesh axes (empty = replicated); validates the rules.
 
   Errors name `field[i]` and say what is allowed.
@@ -28,22 +29,27 @@ def rules_table(rules: Rules | None, mesh_axes: Sequence[str], *,
   table: dict[str, tuple[str, ...]] = {}
   for i, rule in enumerate(rules or ()):
     if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
-      raise ValueError(f"{field}[{i}]={rule!r}: must be a pair "
-                       "(logical name, mesh axis | tuple of mesh axes | None)")
+      raise ValueError(
+        f"{field}[{i}]={rule!r}: must be a pair "
+        "(logical name, mesh axis | tuple of mesh axes | None)"
+      )
     name, target = rule
     axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
     for axis in axes:
       if axis not in mesh_axes:
-        raise ValueError(f"{field}[{i}]=({name!r}, {target!r}): unknown mesh axis {axis!r} "
-                         f"(mesh has no axis {axis!r}); allowed: {list(mesh_axes)} or None")
+        raise ValueError(
+          f"{field}[{i}]=({name!r}, {target!r}): unknown mesh axis {axis!r} "
+          f"(mesh has no axis {axis!r}); allowed: {list(mesh_axes)} or None"
+        )
     if name in table:
       raise ValueError(f"{field}[{i}]: logical name {name!r} appears twice")
     table[name] = axes
   return table
 
 
-def partition_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                   rules: Rules | None) -> PartitionSpec:
+def partition_spec(
+  logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules | None
+) -> PartitionSpec:
   """PartitionSpec of an array of `shape` whose dimensions carry `logical_axes` names."""
   table = rules_table(rules, tuple(mesh.shape))
   used: set[str] = set()

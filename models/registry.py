@@ -16,10 +16,10 @@ from flax import nnx
 from models import duo, first, mod, transformer
 
 MODELS: dict[str, tuple[type, type]] = {
-    "dense": (transformer.Config, transformer.Transformer),
-    "mod": (mod.Config, mod.MoDTransformer),
-    "duo": (duo.Config, duo.DuoTransformer),
-    "first": (first.Config, first.FiRSTTransformer),
+  "dense": (transformer.Config, transformer.Transformer),
+  "mod": (mod.Config, mod.MoDTransformer),
+  "duo": (duo.Config, duo.DuoTransformer),
+  "first": (first.Config, first.FiRSTTransformer),
 }
 
 
@@ -35,8 +35,9 @@ def make_config(kind: str, fields: Mapping[str, Any]):
   known = {f.name for f in dataclasses.fields(config_cls)}
   unknown = sorted(set(fields) - known)
   if unknown:
-    raise ValueError(f"model.{unknown[0]}: not a field of the {kind!r} model; "
-                     f"allowed: {sorted(known)}")
+    raise ValueError(
+      f"model.{unknown[0]}: not a field of the {kind!r} model; allowed: {sorted(known)}"
+    )
   return config_cls(**dict(fields))
 
 

@@ -28,10 +28,10 @@ from models.layers import prefix_logical_axes, rope_inverse_frequencies
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -95,15 +95,23 @@ class Config:
 
   def validate(self) -> None:
     """Raises ValueError naming the first bad field and what is allowed."""
-    for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads",
-                 "head_dim", "mlp_dim"):
+    for name in (
+      "vocab_size",
+      "dim",
+      "num_layers",
+      "num_heads",
+      "num_kv_heads",
+      "head_dim",
+      "mlp_dim",
+    ):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"model.{name}={value!r}: must be a positive integer")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
-          f"model.num_heads={self.num_heads} must be a multiple of "
-          f"model.num_kv_heads={self.num_kv_heads}")
+        f"model.num_heads={self.num_heads} must be a multiple of "
+        f"model.num_kv_heads={self.num_kv_heads}"
+      )
     if self.head_dim % 2:
       raise ValueError(f"model.head_dim={self.head_dim}: must be even for RoPE")
     if not self.rope_theta > 0:
@@ -116,12 +124,13 @@ class Config:
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat={self.remat!r}; allowed: {sorted(REMAT_POLICIES)}")
     if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(
-          f"model.attention_impl={self.attention_impl!r}; allowed: {ATTENTION_IMPLS}")
+      raise ValueError(f"model.attention_impl={self.attention_impl!r}; allowed: {ATTENTION_IMPLS}")
     if self.sliding_window is not None and (
-        not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+      not isinstance(self.sliding_window, int) or self.sliding_window < 1
+    ):
       raise ValueError(
-          f"model.sliding_window={self.sliding_window!r}: must be None or a positive integer")
+        f"model.sliding_window={self.sliding_window!r}: must be None or a positive integer"
+      )
     if self.rope_scaling is not None:
       # Evaluating the frequencies checks the type and required keys.
       try:
@@ -146,8 +155,16 @@ def attend(config: Config, q_BSHD, k_BTKD, v_BTKD, **mask) -> jax.Array:
 
   `mask` holds the positions / segment ids keywords of `kernels.attention`.
   """
-  return attention(q_BSHD, k_BTKD, v_BTKD, causal=True, sliding_window=config.sliding_window,
-                   impl=config.attention_impl, interpret=config.attention_interpret, **mask)
+  return attention(
+    q_BSHD,
+    k_BTKD,
+    v_BTKD,
+    causal=True,
+    sliding_window=config.sliding_window,
+    impl=config.attention_impl,
+    interpret=config.attention_interpret,
+    **mask,
+  )
 
 
 class Attention(nnx.Module):
@@ -156,18 +173,46 @@ class Attention(nnx.Module):
   def __init__(self, config: Config, *, rngs: nnx.Rngs):
     c = config
     kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype, rngs=rngs)
-    self.q_proj = DenseGeneral((c.dim,), (c.num_heads, c.head_dim), in_axes=("embed",),
-                               out_axes=("q_heads", "head_dim"), use_bias=c.qkv_bias, **kw)
-    self.k_proj = DenseGeneral((c.dim,), (c.num_kv_heads, c.head_dim), in_axes=("embed",),
-                               out_axes=("kv_heads", "head_dim"), use_bias=c.qkv_bias, **kw)
-    self.v_proj = DenseGeneral((c.dim,), (c.num_kv_heads, c.head_dim), in_axes=("embed",),
-                               out_axes=("kv_heads", "head_dim"), use_bias=c.qkv_bias, **kw)
-    self.o_proj = DenseGeneral((c.num_heads, c.head_dim), (c.dim,),
-                               in_axes=("q_heads", "head_dim"), out_axes=("embed",),
-                               use_bias=False, **kw)
+    self.q_proj = DenseGeneral(
+      (c.dim,),
+      (c.num_heads, c.head_dim),
+      in_axes=("embed",),
+      out_axes=("q_heads", "head_dim"),
+      use_bias=c.qkv_bias,
+      **kw,
+    )
+    self.k_proj = DenseGeneral(
+      (c.dim,),
+      (c.num_kv_heads, c.head_dim),
+      in_axes=("embed",),
+      out_axes=("kv_heads", "head_dim"),
+      use_bias=c.qkv_bias,
+      **kw,
+    )
+    self.v_proj = DenseGeneral(
+      (c.dim,),
+      (c.num_kv_heads, c.head_dim),
+      in_axes=("embed",),
+      out_axes=("kv_heads", "head_dim"),
+      use_bias=c.qkv_bias,
+      **kw,
+    )
+    self.o_proj = DenseGeneral(
+      (c.num_heads, c.head_dim),
+      (c.dim,),
+      in_axes=("q_heads", "head_dim"),
+      out_axes=("embed",),
+      use_bias=False,
+      **kw,
+    )
     if c.qk_norm:
-      norm_kw = dict(eps=c.norm_eps, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
-                     logical_axis="head_dim", rngs=rngs)
+      norm_kw = dict(
+        eps=c.norm_eps,
+        dtype=c.compute_dtype,
+        param_dtype=c.weight_dtype,
+        logical_axis="head_dim",
+        rngs=rngs,
+      )
       self.q_norm = RMSNorm(c.head_dim, **norm_kw)
       self.k_norm = RMSNorm(c.head_dim, **norm_kw)
     else:
@@ -181,8 +226,11 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q_BSHD, k_BSKD = self.q_norm(q_BSHD), self.k_norm(k_BSKD)
     inv_freq = rope_inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
-    return (apply_rope(q_BSHD, positions_BS, inv_freq),
-            apply_rope(k_BSKD, positions_BS, inv_freq), v_BSKD)
+    return (
+      apply_rope(q_BSHD, positions_BS, inv_freq),
+      apply_rope(k_BSKD, positions_BS, inv_freq),
+      v_BSKD,
+    )
 
   def __call__(self, x_BSD, positions_BS, segment_ids_BS, cache_kv=None):
     """Self-attention; with `cache_kv=(k_BTKD, v_BTKD)` attends over the cache.
@@ -193,15 +241,22 @@ class Attention(nnx.Module):
     c = self.config
     q_BSHD, k_BSKD, v_BSKD = self.project_qkv(x_BSD, positions_BS)
     if cache_kv is None:
-      out_BSHD = attend(c, q_BSHD, k_BSKD, v_BSKD, segment_ids=segment_ids_BS,
-                        positions=positions_BS)
+      out_BSHD = attend(
+        c, q_BSHD, k_BSKD, v_BSKD, segment_ids=segment_ids_BS, positions=positions_BS
+      )
     else:
       k_BTKD = kv_cache_lib.write(cache_kv[0], k_BSKD, positions_BS)
       v_BTKD = kv_cache_lib.write(cache_kv[1], v_BSKD, positions_BS)
       b, t = k_BTKD.shape[:2]
       kv_positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-      out_BSHD = attend(c, q_BSHD, k_BTKD.astype(q_BSHD.dtype), v_BTKD.astype(q_BSHD.dtype),
-                        positions=positions_BS, kv_positions=kv_positions_BT)
+      out_BSHD = attend(
+        c,
+        q_BSHD,
+        k_BTKD.astype(q_BSHD.dtype),
+        v_BTKD.astype(q_BSHD.dtype),
+        positions=positions_BS,
+        kv_positions=kv_positions_BT,
+      )
       cache_kv = (k_BTKD, v_BTKD)
     return self.o_proj(out_BSHD), cache_kv
 
@@ -211,13 +266,17 @@ class Block(nnx.Module):
 
   def __init__(self, config: Config, *, rngs: nnx.Rngs):
     c = config
-    norm_kw = dict(eps=c.norm_eps, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
-                   logical_axis="embed", rngs=rngs)
+    norm_kw = dict(
+      eps=c.norm_eps,
+      dtype=c.compute_dtype,
+      param_dtype=c.weight_dtype,
+      logical_axis="embed",
+      rngs=rngs,
+    )
     self.attn_norm = RMSNorm(c.dim, **norm_kw)
     self.attn = Attention(c, rngs=rngs)
     self.mlp_norm = RMSNorm(c.dim, **norm_kw)
-    self.mlp = MLP(c.dim, c.mlp_dim, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
-                   rngs=rngs)
+    self.mlp = MLP(c.dim, c.mlp_dim, dtype=c.compute_dtype, param_dtype=c.weight_dtype, rngs=rngs)
 
   def __call__(self, x_BSD, positions_BS, segment_ids_BS, cache_kv=None):
     attn_out, cache_kv = self.attn(self.attn_norm(x_BSD), positions_BS, segment_ids_BS, cache_kv)
@@ -231,8 +290,9 @@ def positions_from_segments(segment_ids_BS: jax.Array) -> jax.Array:
   s = segment_ids_BS.shape[1]
   index_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), segment_ids_BS.shape)
   is_start_BS = jnp.concatenate(
-      [jnp.ones_like(segment_ids_BS[:, :1], bool),
-       segment_ids_BS[:, 1:] != segment_ids_BS[:, :-1]], axis=1)
+    [jnp.ones_like(segment_ids_BS[:, :1], bool), segment_ids_BS[:, 1:] != segment_ids_BS[:, :-1]],
+    axis=1,
+  )
   start_BS = jax.lax.cummax(jnp.where(is_start_BS, index_BS, 0), axis=1)
   return index_BS - start_BS
 
@@ -289,19 +349,20 @@ def run_stacked(config: Config, body, x_BSD, cache, xs, *, layers_per_step: int 
     layer_kv = None if leaves is None else tuple(a[index] for a in leaves)
     (x, layer_kv), ys_l = body((x, layer_kv), xs_l)
     if layer_kv is not None:
-      leaves = tuple(jax.lax.dynamic_update_index_in_dim(a, u, index, 0)
-                     for a, u in zip(leaves, layer_kv))
+      leaves = tuple(
+        jax.lax.dynamic_update_index_in_dim(a, u, index, 0) for a, u in zip(leaves, layer_kv)
+      )
     return (x, leaves), ys_l
 
   if c.remat != "none":
-    indexed_body = jax.checkpoint(indexed_body, policy=REMAT_POLICIES[c.remat],
-                                  prevent_cse=not c.scan_layers)
+    indexed_body = jax.checkpoint(
+      indexed_body, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers
+    )
   leaves, treedef = (None, None) if cache is None else jax.tree.flatten(cache)
   if leaves is not None:
     leaves = tuple(to_steps(a) for a in leaves)
   if c.scan_layers:
-    (x_BSD, leaves), ys = jax.lax.scan(indexed_body, (x_BSD, leaves),
-                                       (xs, jnp.arange(num_steps)))
+    (x_BSD, leaves), ys = jax.lax.scan(indexed_body, (x_BSD, leaves), (xs, jnp.arange(num_steps)))
   else:
     # Each step gets its own one-step slice of the cache, and the updated
     # slices are concatenated once at the end, instead of updating the whole
@@ -311,9 +372,10 @@ def run_stacked(config: Config, body, x_BSD, cache, xs, *, layers_per_step: int 
     # concatenate, so each layer reads and writes its own buffer in place.
     new_leaves, ys_list = [], []
     for i in range(num_steps):
-      one_step = None if leaves is None else tuple(a[i:i + 1] for a in leaves)
-      (x_BSD, one_step), ys_l = indexed_body((x_BSD, one_step),
-                                             (jax.tree.map(lambda a, i=i: a[i], xs), 0))
+      one_step = None if leaves is None else tuple(a[i : i + 1] for a in leaves)
+      (x_BSD, one_step), ys_l = indexed_body(
+        (x_BSD, one_step), (jax.tree.map(lambda a, i=i: a[i], xs), 0)
+      )
       new_leaves.append(one_step)
       ys_list.append(ys_l)
     ys = jax.tree.map(lambda *a: jnp.stack(a), *ys_list)
@@ -330,15 +392,37 @@ class Transformer(nnx.Module):
   def __init__(self, config: Config, *, rngs: nnx.Rngs):
     c = config
     self.config = config
-    embed_std = c.dim ** -0.5 if c.tie_embeddings else 1.0
-    self.embed = param(rngs, nnx.initializers.normal(embed_std), (c.vocab_size, c.dim),
-                       c.weight_dtype, ("vocab", "embed"))
+    embed_std = c.dim**-0.5 if c.tie_embeddings else 1.0
+    self.embed = param(
+      rngs,
+      nnx.initializers.normal(embed_std),
+      (c.vocab_size, c.dim),
+      c.weight_dtype,
+      ("vocab", "embed"),
+    )
     self.layers = stacked_blocks(c, c.num_layers, rngs)
-    self.final_norm = RMSNorm(c.dim, eps=c.norm_eps, dtype=c.compute_dtype,
-                              param_dtype=c.weight_dtype, logical_axis="embed", rngs=rngs)
-    self.lm_head = None if c.tie_embeddings else DenseGeneral(
-        (c.dim,), (c.vocab_size,), in_axes=("embed",), out_axes=("vocab",), use_bias=False,
-        dtype=c.compute_dtype, param_dtype=c.weight_dtype, rngs=rngs)
+    self.final_norm = RMSNorm(
+      c.dim,
+      eps=c.norm_eps,
+      dtype=c.compute_dtype,
+      param_dtype=c.weight_dtype,
+      logical_axis="embed",
+      rngs=rngs,
+    )
+    self.lm_head = (
+      None
+      if c.tie_embeddings
+      else DenseGeneral(
+        (c.dim,),
+        (c.vocab_size,),
+        in_axes=("embed",),
+        out_axes=("vocab",),
+        use_bias=False,
+        dtype=c.compute_dtype,
+        param_dtype=c.weight_dtype,
+        rngs=rngs,
+      )
+    )
 
   # -- pieces, public so adaptive variants and early-exit heads can reuse them --
 
@@ -369,8 +453,12 @@ class Transformer(nnx.Module):
 
   # -- entry points --
 
-  def __call__(self, tokens_BS: jax.Array, positions_BS: jax.Array | None = None,
-               segment_ids_BS: jax.Array | None = None):
+  def __call__(
+    self,
+    tokens_BS: jax.Array,
+    positions_BS: jax.Array | None = None,
+    segment_ids_BS: jax.Array | None = None,
+  ):
     """Teacher-forced forward pass.
 
     Args:
@@ -393,11 +481,17 @@ class Transformer(nnx.Module):
     """An empty cache for `batch` rows of up to `capacity` positions."""
     c = self.config
     return kv_cache_lib.KVCache.zeros(
-        num_layers=c.num_layers, batch=batch, capacity=capacity, num_kv_heads=c.num_kv_heads,
-        head_dim=c.head_dim, dtype=dtype or c.compute_dtype)
+      num_layers=c.num_layers,
+      batch=batch,
+      capacity=capacity,
+      num_kv_heads=c.num_kv_heads,
+      head_dim=c.head_dim,
+      dtype=dtype or c.compute_dtype,
+    )
 
-  def forward_cached(self, tokens_BS: jax.Array, positions_BS: jax.Array,
-                     cache: kv_cache_lib.KVCache):
+  def forward_cached(
+    self, tokens_BS: jax.Array, positions_BS: jax.Array, cache: kv_cache_lib.KVCache
+  ):
     """Forward pass that reads and extends a KV cache (prefill or decode step).
 
     Token s of row b is written at cache slot positions_BS[b, s] and attends to

@@ -8,11 +8,13 @@ def environment(devices: int) -> dict:
   """This process's environment with `devices` fake CPU devices, the shared compile cache,
   and no inherited coordinator (each subprocess decides multi-process from its own flags)."""
   env = dict(os.environ)
-  env.update({
+  env.update(
+    {
       "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
       "JAX_PLATFORMS": "cpu",
       "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "adaptive-test-jax-cache"),
       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-  })
+    }
+  )
   env.pop("JAX_COORDINATOR_ADDRESS", None)
   return env

@@ -14,7 +14,7 @@ def assert_remat_honoured(make_model, tokens_BS):
 
     def loss(st, graphdef=graphdef):
       logits, _ = nnx.merge(graphdef, st)(tokens_BS)
-      return jnp.mean(logits ** 2)
+      return jnp.mean(logits**2)
 
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(state))
     # Each block call is a jax.checkpoint (remat) only when asked.

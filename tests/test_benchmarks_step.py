@@ -8,14 +8,27 @@ import pytest
 
 from benchmarks import duo_step, mod_step
 
-TINY = ["--dim=32", "--layers=2", "--heads=2", "--kv_heads=2", "--head_dim=16",
-        "--mlp_dim=64", "--batch=8", "--seq=32", "--steps=1", "--rounds=1"]
+TINY = [
+  "--dim=32",
+  "--layers=2",
+  "--heads=2",
+  "--kv_heads=2",
+  "--head_dim=16",
+  "--mlp_dim=64",
+  "--batch=8",
+  "--seq=32",
+  "--steps=1",
+  "--rounds=1",
+]
 
 
-@pytest.mark.parametrize("bench,extra", [
+@pytest.mark.parametrize(
+  "bench,extra",
+  [
     (mod_step, ["--predictor_hidden=8", "--capacity=0.25", "--no-breakdown"]),
     (duo_step, ["--small_mlp_dim=16"]),
-])
+  ],
+)
 def test_step_benchmark_writes_its_ratios(bench, extra, tmp_path):
   out = tmp_path / "result.json"
   with mock.patch.object(sys, "argv", ["bench", *TINY, *extra, f"--out={out}"]):
@@ -23,7 +36,8 @@ def test_step_benchmark_writes_its_ratios(bench, extra, tmp_path):
   result = json.loads(out.read_text())
   assert 0 < result["flop_ratio"] < 1  # The routed model executes fewer FLOPs than dense.
   assert result["time_ratio"] > 0 and result["overhead"] == pytest.approx(
-      result["time_ratio"] / result["flop_ratio"])
+    result["time_ratio"] / result["flop_ratio"]
+  )
   if bench is duo_step:
     # Both options at capacity 1 execute more than dense; XLA agrees dispatch executes less.
     assert result["flop_ratio_vs_dense"]["duo_full"] > 1

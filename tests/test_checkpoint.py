@@ -21,8 +21,11 @@ def tiny_config(total_steps, **mesh):
   c.log_every = 1
   c.eval_every = 0
   c.checkpoint_every = 2
-  c.model.update(dict(dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                      mlp_dim=128, dtype="float32"))
+  c.model.update(
+    dict(
+      dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128, dtype="float32"
+    )
+  )
   c.optimizer.warmup_steps = 2
   c.optimizer.schedule = "constant"  # runs of different lengths share the schedule
   c.data.prefetch = 0
@@ -66,8 +69,9 @@ def test_checkpoint_restores_onto_4_devices_and_continues(run8, tmp_path):
   shutil.copytree(workdir / "checkpoints", resumed / "checkpoints")
   summary4 = main.train_and_evaluate(config4, str(resumed), devices=devices4)
   assert sorted(summary4["losses"]) == [5, 6]
-  reference = main.train_and_evaluate(tiny_config(6, data=2, fsdp=2, tensor=2),
-                                      str(tmp_path / "reference"), devices=jax.devices())
+  reference = main.train_and_evaluate(
+    tiny_config(6, data=2, fsdp=2, tensor=2), str(tmp_path / "reference"), devices=jax.devices()
+  )
   for step in (5, 6):
     assert summary4["losses"][step] == pytest.approx(reference["losses"][step], abs=1e-5)
 
@@ -81,8 +85,9 @@ def test_init_from_another_runs_checkpoint(run8, tmp_path, capsys):
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=2)
   saved, _ = ckpt.restore(4, abstract)
   ckpt.close()
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
-               jax.device_get(saved["params"]))
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(params), jax.device_get(saved["params"])
+  )
   # A step directory works too, and a directory without checkpoints is an error.
   params2 = checkpoint_lib.load_params(str(workdir / "checkpoints" / "2"), abstract["params"])
   assert jax.tree.structure(params2) == jax.tree.structure(params)

@@ -15,8 +15,9 @@ from flax import nnx
 
 from models import decoding, transformer
 
-CONFIG = transformer.Config(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                            head_dim=8, mlp_dim=64)
+CONFIG = transformer.Config(
+  vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64
+)
 LENGTHS = np.array([5, 9, 2], np.int32)
 S, N = 9, 7
 
@@ -29,7 +30,7 @@ def model():
 @pytest.fixture(scope="module")
 def prompts():
   tokens = np.random.RandomState(0).randint(1, CONFIG.vocab_size, (len(LENGTHS), S))
-  tokens[np.arange(S)[None, :] >= LENGTHS[:, None]] = 0   # right padding
+  tokens[np.arange(S)[None, :] >= LENGTHS[:, None]] = 0  # right padding
   return tokens.astype(np.int32)
 
 
@@ -38,8 +39,8 @@ def teacher_forced_logits(model, prompts, lengths, generated, gen_lengths):
   b, n = generated.shape
   seq = np.zeros((b, S + n), np.int32)
   for r in range(b):
-    seq[r, :lengths[r]] = prompts[r, :lengths[r]]
-    seq[r, lengths[r]:lengths[r] + gen_lengths[r]] = generated[r, :gen_lengths[r]]
+    seq[r, : lengths[r]] = prompts[r, : lengths[r]]
+    seq[r, lengths[r] : lengths[r] + gen_lengths[r]] = generated[r, : gen_lengths[r]]
   logits, _ = model(jnp.asarray(seq))
   index = lengths[:, None] - 1 + np.arange(n)[None, :]
   return np.asarray(jnp.take_along_axis(logits, jnp.asarray(index)[..., None], axis=1))
@@ -54,16 +55,20 @@ def test_cached_decoding_reproduces_teacher_forced_logits(model, prompts):
   """Padded-batch prefill + per-row decode steps (the protocol generate uses)."""
   b = len(LENGTHS)
   graphdef, state = nnx.split(model)
-  forward_cached = jax.jit(lambda state, tokens, positions, cache: nnx.merge(
-      graphdef, state).forward_cached(tokens, positions, cache))
+  forward_cached = jax.jit(
+    lambda state, tokens, positions, cache: nnx.merge(graphdef, state).forward_cached(
+      tokens, positions, cache
+    )
+  )
   cache = model.init_cache(b, S + N - 1)
   positions = jnp.broadcast_to(jnp.arange(S), (b, S))
   logits, cache = forward_cached(state, jnp.asarray(prompts), positions, cache)
   step_logits = [np.asarray(logits)[np.arange(b), LENGTHS - 1]]
   tokens = [np.argmax(step_logits[-1], -1).astype(np.int32)]
   for i in range(1, N):
-    logits, cache = forward_cached(state, jnp.asarray(tokens[-1])[:, None],
-                                   jnp.asarray(LENGTHS - 1 + i)[:, None], cache)
+    logits, cache = forward_cached(
+      state, jnp.asarray(tokens[-1])[:, None], jnp.asarray(LENGTHS - 1 + i)[:, None], cache
+    )
     step_logits.append(np.asarray(logits)[:, 0])
     tokens.append(np.argmax(step_logits[-1], -1).astype(np.int32))
   generated = np.stack(tokens, 1)
@@ -80,8 +85,9 @@ def test_greedy_matches_teacher_forcing(model, prompts, greedy):
   expected = teacher_forced_logits(model, prompts, LENGTHS, tokens, np.full(b, N))
   np.testing.assert_array_equal(tokens, np.argmax(expected, -1))
   # logprobs are the raw model log-softmax of the chosen token.
-  logprobs = np.take_along_axis(np.asarray(jax.nn.log_softmax(expected, -1)),
-                                tokens[..., None], -1)[..., 0]
+  logprobs = np.take_along_axis(
+    np.asarray(jax.nn.log_softmax(expected, -1)), tokens[..., None], -1
+  )[..., 0]
   np.testing.assert_allclose(greedy.logprobs_BN, logprobs, atol=1e-5, rtol=1e-5)
 
 
@@ -99,13 +105,30 @@ def test_decode_loop_never_copies_the_whole_cache(model):
   b, capacity = len(LENGTHS), S + N - 1
   graphdef, state = nnx.split(model)
   cache = model.init_cache(b, capacity)
-  knobs = decoding._Knobs(jnp.float32(1), jnp.float32(1), jnp.zeros((0,), jnp.int32),
-                          jnp.int32(0), jax.random.key(0))
-  carry = decoding._Carry(jnp.int32(1), jnp.asarray(LENGTHS), jnp.zeros(b, bool),
-                          jnp.zeros((b, N), jnp.int32), jnp.zeros((b, N)), jnp.ones(b, jnp.int32))
-  hlo = decoding._decode.lower(
-      graphdef, state, cache, carry, knobs, mode=decoding._mode(decoding.Sampling()),
-      capacity=capacity).compile().as_text()
+  knobs = decoding._Knobs(
+    jnp.float32(1), jnp.float32(1), jnp.zeros((0,), jnp.int32), jnp.int32(0), jax.random.key(0)
+  )
+  carry = decoding._Carry(
+    jnp.int32(1),
+    jnp.asarray(LENGTHS),
+    jnp.zeros(b, bool),
+    jnp.zeros((b, N), jnp.int32),
+    jnp.zeros((b, N)),
+    jnp.ones(b, jnp.int32),
+  )
+  hlo = (
+    decoding._decode.lower(
+      graphdef,
+      state,
+      cache,
+      carry,
+      knobs,
+      mode=decoding._mode(decoding.Sampling()),
+      capacity=capacity,
+    )
+    .compile()
+    .as_text()
+  )
   body = [line for line in hlo.splitlines() if "while/body" in line]
   assert body
   c = CONFIG
@@ -123,16 +146,16 @@ def test_eos_stops_each_row_and_pads(model, prompts, greedy):
   # Row 0 stops at its step-2 token, row 1 at its step-4 token (if not earlier).
   eos_ids = (int(tokens[0, 2]), int(tokens[1, 4]))
   pad = 63
-  out = decoding.generate(model, prompts, LENGTHS, max_new_tokens=N, eos_ids=eos_ids,
-                          pad_id=pad)
+  out = decoding.generate(model, prompts, LENGTHS, max_new_tokens=N, eos_ids=eos_ids, pad_id=pad)
   for r in range(len(LENGTHS)):
     hits = np.flatnonzero(np.isin(tokens[r], eos_ids))
     length = hits[0] + 1 if hits.size else N
     assert int(out.lengths_B[r]) == length
     np.testing.assert_array_equal(out.tokens_BN[r, :length], tokens[r, :length])
     np.testing.assert_array_equal(out.tokens_BN[r, length:], pad)
-    np.testing.assert_allclose(out.logprobs_BN[r, :length], greedy.logprobs_BN[r, :length],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      out.logprobs_BN[r, :length], greedy.logprobs_BN[r, :length], atol=1e-6
+    )
     np.testing.assert_array_equal(out.logprobs_BN[r, length:], 0.0)
   assert int(out.lengths_B[0]) <= 3 and int(out.lengths_B[1]) <= 5
 
@@ -145,10 +168,11 @@ def test_max_new_tokens_one(model, prompts, greedy):
 
 def test_top_k_one_and_tiny_top_p_are_greedy(model, prompts, greedy):
   key = jax.random.key(3)
-  for sampling in (decoding.Sampling(temperature=1.5, top_k=1),
-                   decoding.Sampling(temperature=1.5, top_p=1e-6)):
-    out = decoding.generate(model, prompts, LENGTHS, max_new_tokens=N, sampling=sampling,
-                            rng=key)
+  for sampling in (
+    decoding.Sampling(temperature=1.5, top_k=1),
+    decoding.Sampling(temperature=1.5, top_p=1e-6),
+  ):
+    out = decoding.generate(model, prompts, LENGTHS, max_new_tokens=N, sampling=sampling, rng=key)
     np.testing.assert_array_equal(out.tokens_BN, greedy.tokens_BN, err_msg=str(sampling))
     np.testing.assert_allclose(out.logprobs_BN, greedy.logprobs_BN, atol=1e-6)
 
@@ -166,16 +190,19 @@ def test_temperature_sampling_is_deterministic_and_follows_softmax(model, prompt
   batch = np.repeat(prompts[:1], rows, axis=0)
   lengths = np.full(rows, LENGTHS[0], np.int32)
   sampling = decoding.Sampling(temperature=temperature)
-  out = decoding.generate(model, batch, lengths, max_new_tokens=2, sampling=sampling,
-                          rng=jax.random.key(0))
-  again = decoding.generate(model, batch, lengths, max_new_tokens=2, sampling=sampling,
-                            rng=jax.random.key(0))
-  other = decoding.generate(model, batch, lengths, max_new_tokens=2, sampling=sampling,
-                            rng=jax.random.key(1))
+  out = decoding.generate(
+    model, batch, lengths, max_new_tokens=2, sampling=sampling, rng=jax.random.key(0)
+  )
+  again = decoding.generate(
+    model, batch, lengths, max_new_tokens=2, sampling=sampling, rng=jax.random.key(0)
+  )
+  other = decoding.generate(
+    model, batch, lengths, max_new_tokens=2, sampling=sampling, rng=jax.random.key(1)
+  )
   np.testing.assert_array_equal(out.tokens_BN, again.tokens_BN)
   assert not np.array_equal(out.tokens_BN, other.tokens_BN)
 
-  logits, _ = model(jnp.asarray(prompts[:1, :LENGTHS[0]]))
+  logits, _ = model(jnp.asarray(prompts[:1, : LENGTHS[0]]))
   logits = np.asarray(logits[0, -1], np.float64)
   probs = np.exp((logits - logits.max()) / temperature)
   probs /= probs.sum()
@@ -196,12 +223,15 @@ def test_temperature_sampling_is_deterministic_and_follows_softmax(model, prompt
   chi2 = float(np.sum((observed - expected) ** 2 / np.maximum(expected, 1e-9)))
   dof = len(expected) - 1
   assert dof >= 3
-  assert chi2 < dof + 5 * np.sqrt(2 * dof), (chi2, dof)   # ~ p < 1e-4
+  assert chi2 < dof + 5 * np.sqrt(2 * dof), (chi2, dof)  # ~ p < 1e-4
   # The raw logprob of each sampled token is the model's (temperature-free) one.
   np.testing.assert_allclose(
-      out.logprobs_BN[:, 0], np.log(np.exp(logits - logits.max()) /
-                                    np.exp(logits - logits.max()).sum())[out.tokens_BN[:, 0]],
-      atol=1e-5)
+    out.logprobs_BN[:, 0],
+    np.log(np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum())[
+      out.tokens_BN[:, 0]
+    ],
+    atol=1e-5,
+  )
 
 
 def test_top_k_and_top_p_restrict_the_support():
@@ -216,7 +246,9 @@ def test_top_k_and_top_p_restrict_the_support():
   np.testing.assert_allclose(freq, [0.4 / 0.9, 0.3 / 0.9, 0.2 / 0.9, 0], atol=0.03)
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=2.0), "max_new_tokens"),
     (dict(prompt_lengths_B=np.array([5, 10, 2])), "prompt_lengths_B"),
@@ -228,22 +260,28 @@ def test_top_k_and_top_p_restrict_the_support():
     (dict(sampling=decoding.Sampling(temperature=1.0)), "rng"),
     (dict(rng=3), "rng"),
     (dict(pad_id=None), "pad_id"),
-])
+  ],
+)
 def test_bad_arguments_raise_before_compiling(model, prompts, kwargs, message):
   call = dict(prompt_tokens_BS=prompts, prompt_lengths_B=LENGTHS, max_new_tokens=N)
   call.update(kwargs)
   sizes = (decoding._prefill._cache_size(), decoding._decode._cache_size())
   with pytest.raises(ValueError, match=message):
-    decoding.generate(model, call.pop("prompt_tokens_BS"), call.pop("prompt_lengths_B"),
-                      **call)
+    decoding.generate(model, call.pop("prompt_tokens_BS"), call.pop("prompt_lengths_B"), **call)
   assert (decoding._prefill._cache_size(), decoding._decode._cache_size()) == sizes
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
-    (dict(top_k=-1), "top_k"), (dict(top_k=1.5), "top_k"),
-    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
-])
+@pytest.mark.parametrize(
+  "kwargs, field",
+  [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=-1), "top_k"),
+    (dict(top_k=1.5), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+  ],
+)
 def test_sampling_validates_its_fields(kwargs, field):
   with pytest.raises(ValueError, match=f"Sampling.{field}"):
     decoding.Sampling(**kwargs)
@@ -263,8 +301,9 @@ def test_growing_cache_in_phases_gives_the_same_generation(model, prompts):
   """Many small phases (each a cache copy into a larger one) change nothing."""
   sampling = decoding.Sampling(temperature=1.0, top_k=20)
   kwargs = dict(max_new_tokens=N, sampling=sampling, rng=jax.random.key(3), eos_ids=(5, 9))
-  with mock.patch.object(decoding, "phase_capacities",
-                         lambda s, n, growth: list(range(s + 1, s + n - 1)) + [s + n - 1]):
+  with mock.patch.object(
+    decoding, "phase_capacities", lambda s, n, growth: list(range(s + 1, s + n - 1)) + [s + n - 1]
+  ):
     phased = decoding.generate(model, prompts, LENGTHS, cache_growth=1.25, **kwargs)
   single = decoding.generate(model, prompts, LENGTHS, cache_growth=None, **kwargs)
   np.testing.assert_array_equal(phased.tokens_BN, single.tokens_BN)

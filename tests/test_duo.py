@@ -9,8 +9,9 @@ from flax import nnx
 from models import decoding, duo, registry, transformer
 from remat_check import assert_remat_honoured
 
-TINY = dict(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-            mlp_dim=64)
+TINY = dict(
+  vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64
+)
 
 
 def _model(seed=0, **kw):
@@ -56,6 +57,7 @@ def test_learned_router_straight_through_and_compute_penalty():
   def loss(st):
     logits, aux = nnx.merge(graphdef, st)(tokens)
     return jnp.mean(jax.nn.logsumexp(logits, -1)), aux
+
   (_, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
   fr = [float(aux["metrics"][f"duo/frac_{n}"]) for n in ("skip", "small", "big")]
   assert sum(fr) == pytest.approx(1.0)
@@ -110,8 +112,9 @@ def _replay(m, tokens, slots=None, probe=False):
   return m.logits_from_hidden(x), np.stack(executed)
 
 
-@pytest.mark.parametrize("capacity,slots,probe", [(1.0, None, False), (0.25, (4, 4), False),
-                                                  (0.25, (4, 4), True)])
+@pytest.mark.parametrize(
+  "capacity,slots,probe", [(1.0, None, False), (0.25, (4, 4), False), (0.25, (4, 4), True)]
+)
 def test_router_gradient_matches_straight_through_reference(capacity, slots, probe):
   """Capacity 1: every option's gradient reaches the router; dispatched: the slotted ones,
   and with probing also the tokens in the spare slots."""
@@ -120,17 +123,16 @@ def test_router_gradient_matches_straight_through_reference(capacity, slots, pro
   graphdef, state = nnx.split(model)
   loss = lambda logits: jnp.mean(jax.nn.logsumexp(logits, -1))  # noqa
   got = jax.grad(lambda st: loss(nnx.merge(graphdef, st)(tokens)[0]))(state)
-  want = jax.grad(lambda st: loss(_replay(nnx.merge(graphdef, st), tokens, slots, probe)[0]))(
-      state)
+  want = jax.grad(lambda st: loss(_replay(nnx.merge(graphdef, st), tokens, slots, probe)[0]))(state)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5)
   assert np.abs(np.asarray(got["ffn_router"][...])).max() > 0
   if probe:  # The probes give the router gradient, and never change the forward.
-    unprobed = jax.grad(lambda st: loss(_replay(nnx.merge(graphdef, st), tokens, slots)[0]))(
-        state)
+    unprobed = jax.grad(lambda st: loss(_replay(nnx.merge(graphdef, st), tokens, slots)[0]))(state)
     assert np.abs(np.asarray(got["ffn_router"][...] - unprobed["ffn_router"][...])).max() > 1e-4
-    np.testing.assert_allclose(nnx.merge(graphdef, state)(tokens)[0],
-                               _replay(model, tokens, slots)[0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+      nnx.merge(graphdef, state)(tokens)[0], _replay(model, tokens, slots)[0], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_capacity_dispatch_runs_first_come_tokens_and_drops_the_rest():
@@ -157,9 +159,12 @@ def test_capacity_dispatch_gradients_equal_the_masked_dense_model():
   routing = jax.random.randint(jax.random.key(5), (TINY["num_layers"], b, s), 0, 3)
   narrow = _model(4, small_capacity=0.25, big_capacity=0.5)  # 3 and 6 slots per row.
   wants = lambda o: np.asarray(routing) == o  # noqa
-  executed = np.where((wants(duo.SMALL) & (np.cumsum(wants(duo.SMALL), -1) > 3))
-                      | (wants(duo.BIG) & (np.cumsum(wants(duo.BIG), -1) > 6)),
-                      duo.SKIP, np.asarray(routing))
+  executed = np.where(
+    (wants(duo.SMALL) & (np.cumsum(wants(duo.SMALL), -1) > 3))
+    | (wants(duo.BIG) & (np.cumsum(wants(duo.BIG), -1) > 6)),
+    duo.SKIP,
+    np.asarray(routing),
+  )
   # Every MLP on every token (one-hot weights, no capacity), the executed routing.
   one_hot = jax.nn.one_hot(executed, 3)
   results = []
@@ -169,6 +174,7 @@ def test_capacity_dispatch_gradients_equal_the_masked_dense_model():
     def loss(st, kw=kw):
       logits, aux = nnx.merge(graphdef, st)(tokens, segment_ids_BS=segs, **kw)
       return jnp.mean(jax.nn.logsumexp(logits, -1) * jnp.arange(s)), aux["routing_LBS"]
+
     results.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(state))
   (got, got_routing), got_grads = results[0]
   (want, _), want_grads = results[1]
@@ -186,9 +192,9 @@ def test_decoding_routes_each_token_like_the_teacher_forced_forward():
   _, aux = model(prompts[:1])
   assert 0 < float(aux["metrics"]["duo/frac_big"]) < 1  # The routers do mix options.
   for r in range(2):
-    seq = np.concatenate([prompts[r, :lengths[r]], np.asarray(out.tokens_BN[r])])
+    seq = np.concatenate([prompts[r, : lengths[r]], np.asarray(out.tokens_BN[r])])
     logits, _ = model(jnp.asarray(seq)[None])
-    logp = jax.nn.log_softmax(logits[0, lengths[r] - 1:-1], -1)
+    logp = jax.nn.log_softmax(logits[0, lengths[r] - 1 : -1], -1)
     teacher = np.take_along_axis(np.asarray(logp), np.asarray(out.tokens_BN[r])[:, None], -1)
     np.testing.assert_allclose(np.asarray(out.logprobs_BN[r]), teacher[:, 0], atol=1e-5)
     np.testing.assert_array_equal(np.asarray(out.tokens_BN[r]), np.argmax(logp, -1))
@@ -237,8 +243,9 @@ def test_greedy_oracle_routing_meets_budget():
   full = duo.greedy_oracle_routing(model, tokens, 1.0, init_routing_LBS=big, segment_ids_BS=segs)
   assert costs[full].mean() <= 1.0
   budget = 0.3  # All BIG is over budget: cheapened first, then improved.
-  routing = duo.greedy_oracle_routing(model, tokens, budget, init_routing_LBS=big,
-                                      segment_ids_BS=segs)
+  routing = duo.greedy_oracle_routing(
+    model, tokens, budget, init_routing_LBS=big, segment_ids_BS=segs
+  )
   assert routing.shape == (TINY["num_layers"], b, s)
   assert costs[routing].mean() <= budget + 1e-6
   loss = lambda r: float(jnp.mean(duo.per_token_loss(model, tokens, jnp.asarray(r))))  # noqa
@@ -272,7 +279,8 @@ def test_scan_layers_equals_unrolled_and_remat_recomputes_same_grads():
 
     def loss(st, graphdef=graphdef):
       logits, aux = nnx.merge(graphdef, st)(tokens)
-      return jnp.mean(logits ** 2) + sum(aux["losses"].values()), aux["routing_LBS"]
+      return jnp.mean(logits**2) + sum(aux["losses"].values()), aux["routing_LBS"]
+
     results.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(state))
   for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)

@@ -9,14 +9,16 @@ from flax import nnx
 from models import first, registry, transformer
 from remat_check import assert_remat_honoured
 
-TINY = dict(vocab_size=64, dim=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
-            mlp_dim=64)
+TINY = dict(
+  vocab_size=64, dim=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64
+)
 
 
 def _dense_without(model, keep):
   """An independent dense Transformer holding only the layers in `keep`."""
-  dense = transformer.Transformer(transformer.Config(**dict(TINY, num_layers=len(keep))),
-                                  rngs=nnx.Rngs(0))
+  dense = transformer.Transformer(
+    transformer.Config(**dict(TINY, num_layers=len(keep))), rngs=nnx.Rngs(0)
+  )
   state = nnx.state(model)
   sub = nnx.state(dense)
   sub["embed"] = state["embed"]
@@ -36,7 +38,7 @@ def _decode_all(model, tokens, prompt_len, lengths):
   logits, cache = prefill(state, tokens[:, :prompt_len], lengths, cache)
   out = [logits]
   for t in range(prompt_len, s):
-    logits, cache = step(state, tokens[:, t:t + 1], jnp.full((b, 1), t), cache)
+    logits, cache = step(state, tokens[:, t : t + 1], jnp.full((b, 1), t), cache)
     out.append(logits)
   return jnp.concatenate(out, 1), cache
 
@@ -56,8 +58,8 @@ def test_decode_with_prompt_skip_set_equals_dense_without_those_layers():
   for row in range(b):
     keep = [i for i in range(TINY["num_layers"]) if execute[row, i]]
     dense = _dense_without(model, keep)
-    want, _ = dense(tokens[row:row + 1])
-    np.testing.assert_allclose(got[row:row + 1], want, atol=1e-5, rtol=1e-5)
+    want, _ = dense(tokens[row : row + 1])
+    np.testing.assert_allclose(got[row : row + 1], want, atol=1e-5, rtol=1e-5)
     # Skipped layers never wrote the cache.
     for i in range(TINY["num_layers"]):
       if not execute[row, i]:
@@ -80,8 +82,9 @@ def test_prefill_pools_only_real_prompt_tokens():
 def test_training_relaxed_gates_hard_mode_and_loading_dense():
   b, s = 2, 8
   dense = transformer.Transformer(transformer.Config(**TINY), rngs=nnx.Rngs(3))
-  model = first.FiRSTTransformer(first.Config(**TINY, skip_penalty=0.1, router_init_bias=30.0),
-                                 rngs=nnx.Rngs(4))
+  model = first.FiRSTTransformer(
+    first.Config(**TINY, skip_penalty=0.1, router_init_bias=30.0), rngs=nnx.Rngs(4)
+  )
   first.load_dense(model, nnx.state(dense))
   tokens = jax.random.randint(jax.random.key(2), (b, s), 0, 64)
   graphdef, state = nnx.split(model)
@@ -95,7 +98,8 @@ def test_training_relaxed_gates_hard_mode_and_loading_dense():
 
   def loss(st):
     logits, aux = nnx.merge(graphdef, st)(tokens)
-    return jnp.mean(logits ** 2) * 1e-3 + sum(aux["losses"].values())
+    return jnp.mean(logits**2) * 1e-3 + sum(aux["losses"].values())
+
   grads = jax.jit(jax.grad(loss))(state)
   assert np.abs(np.asarray(grads["skip_router_b"][...])).min() > 0
   routers = nnx.state(model, first.ROUTER_PARAMS)
@@ -128,7 +132,8 @@ def test_scan_layers_equals_unrolled_in_training_and_decoding():
 
     def loss(st, graphdef=graphdef):
       logits, aux = nnx.merge(graphdef, st)(tokens)
-      return jnp.mean(logits ** 2) + sum(aux["losses"].values())
+      return jnp.mean(logits**2) + sum(aux["losses"].values())
+
     decoded, cache = _decode_all(model, tokens, prompt, jnp.asarray([prompt, 3]))
     results.append((jax.jit(jax.value_and_grad(loss))(state), decoded, cache))
   for a, b_ in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
@@ -140,5 +145,6 @@ def test_scan_layers_equals_unrolled_in_training_and_decoding():
 def test_remat_recomputes_same_grads():
   tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, TINY["vocab_size"])
   assert_remat_honoured(
-      lambda remat: first.FiRSTTransformer(first.Config(**TINY, remat=remat), rngs=nnx.Rngs(0)),
-      tokens)
+    lambda remat: first.FiRSTTransformer(first.Config(**TINY, remat=remat), rngs=nnx.Rngs(0)),
+    tokens,
+  )

@@ -11,8 +11,9 @@ from adaptive import flops
 from models import duo, first, mod, transformer
 
 # Matmuls dominate: wide layers, short rows, small vocabulary.
-WIDE = dict(vocab_size=256, dim=256, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=64,
-            mlp_dim=1024)
+WIDE = dict(
+  vocab_size=256, dim=256, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=64, mlp_dim=1024
+)
 
 
 def _xla_forward_flops(model, b, s):
@@ -31,34 +32,39 @@ def test_dense_forward_matches_xla_cost_analysis():
   model = transformer.Transformer(config, rngs=nnx.Rngs(0))
   xla = _xla_forward_flops(model, b, s)
   # XLA multiplies the full S×S score matrix (masked half included): add that half.
-  ours = (flops.executed_forward_flops(config, b, s)
-          + config.num_layers * flops.attention_score_flops(config, b, s))
+  ours = flops.executed_forward_flops(
+    config, b, s
+  ) + config.num_layers * flops.attention_score_flops(config, b, s)
   assert ours == pytest.approx(xla, rel=0.10), (ours, xla)
-  assert flops.executed_train_flops(config, b, s, {}) == 3 * flops.dense_forward_flops(
-      config, b, s)
+  assert flops.executed_train_flops(config, b, s, {}) == 3 * flops.dense_forward_flops(config, b, s)
 
 
 @pytest.mark.parametrize("capacity", [0.25, 0.5])
 def test_mod_forward_matches_xla_cost_analysis(capacity):
   b, s = 2, 64
-  config = mod.Config(**WIDE, capacity=capacity, routed_every=2, routed_offset=1,
-                      predictor_hidden=64)
+  config = mod.Config(
+    **WIDE, capacity=capacity, routed_every=2, routed_offset=1, predictor_hidden=64
+  )
   model = mod.MoDTransformer(config, rngs=nnx.Rngs(0))
   xla = _xla_forward_flops(model, b, s)
   k = flops.mod_routed_tokens(config, s)
   assert k == round(capacity * s)
-  ours = (flops.executed_forward_flops(config, b, s, {"mod/routed_fraction": k / s})
-          + flops.attention_score_flops(config, b, s)     # dense layer: masked half
-          + flops.attention_score_flops(config, b, k))    # routed layer over k tokens
+  ours = (
+    flops.executed_forward_flops(config, b, s, {"mod/routed_fraction": k / s})
+    + flops.attention_score_flops(config, b, s)  # dense layer: masked half
+    + flops.attention_score_flops(config, b, k)
+  )  # routed layer over k tokens
   assert ours == pytest.approx(xla, rel=0.10), (ours, xla)
   # And it really is cheaper than the dense model.
-  assert ours < 0.85 * (flops.dense_forward_flops(config, b, s)
-                        + 2 * flops.attention_score_flops(config, b, s))
+  assert ours < 0.85 * (
+    flops.dense_forward_flops(config, b, s) + 2 * flops.attention_score_flops(config, b, s)
+  )
 
 
 def test_mod_scaling_rules():
-  c = types.SimpleNamespace(**WIDE, capacity=0.125, routed_every=2, routed_offset=1,
-                            predictor_hidden=0, sliding_window=None)
+  c = types.SimpleNamespace(
+    **WIDE, capacity=0.125, routed_every=2, routed_offset=1, predictor_hidden=0, sliding_window=None
+  )
   b, s = 4, 1024
   k = flops.mod_routed_tokens(c, s)
   routed = flops.mod_forward_flops(c, b, s)
@@ -66,8 +72,9 @@ def test_mod_scaling_rules():
   linear = 2.0 * b * s * (flops.attention_projection_params(c) + flops.mlp_params(c))
   expected_routed_layer = linear * k / s + flops.attention_score_flops(c, b, s) * (k / s) ** 2
   router = 2.0 * b * s * c.dim
-  assert routed == pytest.approx(dense_layer + expected_routed_layer + router
-                                 + flops.lm_head_flops(c, b * s))
+  assert routed == pytest.approx(
+    dense_layer + expected_routed_layer + router + flops.lm_head_flops(c, b * s)
+  )
   assert flops.executed_train_flops(c, b, s) == pytest.approx(3 * routed)
 
 
@@ -75,15 +82,18 @@ def test_mod_scaling_rules():
 def test_duo_forward_matches_xla_cost_analysis(small_capacity, big_capacity):
   """The dispatched MLPs run on their slots only: XLA's count follows the capacities."""
   b, s = 2, 64
-  config = duo.Config(**WIDE, small_mlp_dim=256, small_capacity=small_capacity,
-                      big_capacity=big_capacity)
+  config = duo.Config(
+    **WIDE, small_mlp_dim=256, small_capacity=small_capacity, big_capacity=big_capacity
+  )
   xla = _xla_forward_flops(duo.DuoTransformer(config, rngs=nnx.Rngs(0)), b, s)
-  ours = (flops.executed_forward_flops(config, b, s)
-          + config.num_layers * flops.attention_score_flops(config, b, s))  # masked half
+  ours = flops.executed_forward_flops(
+    config, b, s
+  ) + config.num_layers * flops.attention_score_flops(config, b, s)  # masked half
   assert ours == pytest.approx(xla, rel=0.10), (ours, xla)
   # Executed = the options' slots, whatever the routing was.
   slots = flops.duo_routed_forward_flops(
-      config, b, s, {"duo/frac_small": small_capacity, "duo/frac_big": big_capacity})
+    config, b, s, {"duo/frac_small": small_capacity, "duo/frac_big": big_capacity}
+  )
   assert flops.executed_forward_flops(config, b, s, {"duo/frac_big": 0.0}) == slots
 
 
@@ -92,21 +102,24 @@ def test_duo_routed_and_first_use_realised_fractions():
   dc = duo.Config(**WIDE, small_mlp_dim=256)
   dense = flops.dense_forward_flops(dc, b, s)
   router = dc.num_layers * 2.0 * b * s * dc.dim * 3
-  all_big = flops.duo_routed_forward_flops(dc, b, s, {"duo/frac_small": 0.0,
-                                                      "duo/frac_big": 1.0})
+  all_big = flops.duo_routed_forward_flops(dc, b, s, {"duo/frac_small": 0.0, "duo/frac_big": 1.0})
   assert all_big == pytest.approx(dense + router)
   mixed = flops.duo_routed_forward_flops(dc, b, s, {"duo/frac_small": 0.5, "duo/frac_big": 0.25})
-  ffn_saved = dc.num_layers * 2.0 * b * s * (0.75 * flops.mlp_params(dc)
-                                              - 0.5 * flops.mlp_params(dc, 256))
+  ffn_saved = (
+    dc.num_layers * 2.0 * b * s * (0.75 * flops.mlp_params(dc) - 0.5 * flops.mlp_params(dc, 256))
+  )
   assert mixed == pytest.approx(all_big - ffn_saved)
   # Capacity 1 for both options executes both MLPs on every token.
   assert flops.executed_forward_flops(dc, b, s) == pytest.approx(
-      all_big + dc.num_layers * 2.0 * b * s * flops.mlp_params(dc, 256))
+    all_big + dc.num_layers * 2.0 * b * s * flops.mlp_params(dc, 256)
+  )
 
   fc = first.Config(**WIDE)
   none_skipped = flops.executed_forward_flops(fc, b, s, {"first/skip_fraction": 0.0})
   half = flops.executed_forward_flops(fc, b, s, {"first/skip_fraction": 0.5})
   assert none_skipped - half == pytest.approx(
-      0.5 * fc.num_layers * flops.dense_layer_flops(fc, b, s))
+    0.5 * fc.num_layers * flops.dense_layer_flops(fc, b, s)
+  )
   assert flops.executed_train_flops(fc, b, s, {"first/skip_fraction": 0.5}) == pytest.approx(
-      3 * half)
+    3 * half
+  )

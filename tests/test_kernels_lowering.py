@@ -30,12 +30,23 @@ def test_flash_lowers_at_production_shapes(platform, target, marker, grad):
   seg = jnp.zeros((B, S), jnp.int32)
 
   def fwd(q, k, v):
-    return pallas_attention(q, k, v, pos, pos, seg, seg, causal=True, sliding_window=None,
-                            scale=D ** -0.5, platform=platform)[0]
+    return pallas_attention(
+      q,
+      k,
+      v,
+      pos,
+      pos,
+      seg,
+      seg,
+      causal=True,
+      sliding_window=None,
+      scale=D**-0.5,
+      platform=platform,
+    )[0]
 
   fn = jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(), (0, 1, 2)) if grad else fwd
   text = _lower(fn, q, kv, kv, target=target)
-  assert text.count(marker) >= (3 if grad else 1)   # fwd, dq, dk/dv kernels
+  assert text.count(marker) >= (3 if grad else 1)  # fwd, dq, dk/dv kernels
 
 
 @pytest.mark.parametrize("platform,target,marker", PLATFORMS)
@@ -51,7 +62,14 @@ def test_sliding_window_and_gqa_lower_for_tpu():
   q = jax.ShapeDtypeStruct((2, 4096, 16, 64), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2, 4096, 1, 64), jnp.bfloat16)
   pos = jnp.zeros((2, 4096), jnp.int32)
-  fn = jax.grad(lambda q, k, v: pallas_attention(
-      q, k, v, pos, pos, pos, pos, causal=True, sliding_window=1024, scale=0.125,
-      platform="tpu")[0].astype(jnp.float32).sum(), (0, 1, 2))
+  fn = jax.grad(
+    lambda q, k, v: (
+      pallas_attention(
+        q, k, v, pos, pos, pos, pos, causal=True, sliding_window=1024, scale=0.125, platform="tpu"
+      )[0]
+      .astype(jnp.float32)
+      .sum()
+    ),
+    (0, 1, 2),
+  )
   assert "tpu_custom_call" in _lower(fn, q, kv, kv, target="tpu")

@@ -16,21 +16,42 @@ from train import main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 12
 OVERRIDES = [
-    f"--config.total_steps={TOTAL}", "--config.batch_size=4", "--config.seq_len=32",
-    "--config.log_every=1", "--config.eval_every=6", "--config.eval_steps=1",
-    "--config.checkpoint_every=2", "--config.keep_checkpoints=2",
-    "--config.model.dim=64", "--config.model.num_layers=2", "--config.model.mlp_dim=128",
-    "--config.model.head_dim=16", "--config.model.dtype=float32",
-    "--config.optimizer.warmup_steps=2", "--config.data.prefetch=0",
-    "--config.mesh.data=2",
+  f"--config.total_steps={TOTAL}",
+  "--config.batch_size=4",
+  "--config.seq_len=32",
+  "--config.log_every=1",
+  "--config.eval_every=6",
+  "--config.eval_steps=1",
+  "--config.checkpoint_every=2",
+  "--config.keep_checkpoints=2",
+  "--config.model.dim=64",
+  "--config.model.num_layers=2",
+  "--config.model.mlp_dim=128",
+  "--config.model.head_dim=16",
+  "--config.model.dtype=float32",
+  "--config.optimizer.warmup_steps=2",
+  "--config.data.prefetch=0",
+  "--config.mesh.data=2",
 ]
 
 
 def start(workdir, *extra):
   return subprocess.Popen(
-      [sys.executable, "-m", "train.main", "--config=configs/lm_dense.py",
-       f"--workdir={workdir}", *OVERRIDES, *extra],
-      cwd=ROOT, env=environment(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    [
+      sys.executable,
+      "-m",
+      "train.main",
+      "--config=configs/lm_dense.py",
+      f"--workdir={workdir}",
+      *OVERRIDES,
+      *extra,
+    ],
+    cwd=ROOT,
+    env=environment(2),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def finish(proc, timeout=300):

@@ -11,14 +11,23 @@ from cli_env import environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = [
-    "--config.total_steps=4", "--config.batch_size=8", "--config.seq_len=32",
-    "--config.log_every=1", "--config.eval_every=2", "--config.eval_steps=1",
-    "--config.checkpoint_every=2", "--config.model.dim=64", "--config.model.num_layers=2",
-    "--config.model.mlp_dim=128", "--config.model.head_dim=16", "--config.model.dtype=float32",
-    "--config.optimizer.warmup_steps=2", "--config.data.prefetch=0",
-    # Every process reads the global batch and keeps its rows, so the batches do not depend on
-    # the process count and the losses can be compared exactly.
-    "--config.data_loading=replicated",
+  "--config.total_steps=4",
+  "--config.batch_size=8",
+  "--config.seq_len=32",
+  "--config.log_every=1",
+  "--config.eval_every=2",
+  "--config.eval_steps=1",
+  "--config.checkpoint_every=2",
+  "--config.model.dim=64",
+  "--config.model.num_layers=2",
+  "--config.model.mlp_dim=128",
+  "--config.model.head_dim=16",
+  "--config.model.dtype=float32",
+  "--config.optimizer.warmup_steps=2",
+  "--config.data.prefetch=0",
+  # Every process reads the global batch and keeps its rows, so the batches do not depend on
+  # the process count and the losses can be compared exactly.
+  "--config.data_loading=replicated",
 ]
 
 
@@ -29,8 +38,15 @@ def free_port() -> int:
 
 
 def command(workdir, *extra):
-  return [sys.executable, "-m", "train.main", "--config=configs/lm_dense.py",
-          f"--workdir={workdir}", *OVERRIDES, *extra]
+  return [
+    sys.executable,
+    "-m",
+    "train.main",
+    "--config=configs/lm_dense.py",
+    f"--workdir={workdir}",
+    *OVERRIDES,
+    *extra,
+  ]
 
 
 def read_metrics(workdir):
@@ -41,13 +57,27 @@ def read_metrics(workdir):
 def test_two_processes_match_one_process(tmp_path):
   port = free_port()
   multi = tmp_path / "multi"
-  procs = [subprocess.Popen(
-      command(multi, f"--coordinator_address=localhost:{port}", "--num_processes=2",
-              f"--process_id={i}"),
-      cwd=ROOT, env=environment(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  single = subprocess.Popen(command(tmp_path / "single"), cwd=ROOT, env=environment(4),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  procs = [
+    subprocess.Popen(
+      command(
+        multi, f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"
+      ),
+      cwd=ROOT,
+      env=environment(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  single = subprocess.Popen(
+    command(tmp_path / "single"),
+    cwd=ROOT,
+    env=environment(4),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   outputs = []
   try:
     for p in procs + [single]:

@@ -12,7 +12,7 @@ from adaptive import routing
 
 def test_capacity_k_is_static_rounded_and_bounded():
   assert routing.capacity_k(0.125, 2048) == 256
-  assert routing.capacity_k(0.125, 4) == 1    # round(0.5) -> at least 1
+  assert routing.capacity_k(0.125, 4) == 1  # round(0.5) -> at least 1
   assert routing.capacity_k(0.3, 10) == 3
   assert routing.capacity_k(1.0, 7) == 7
   with pytest.raises(ValueError, match="capacity"):
@@ -46,8 +46,9 @@ def test_gather_scatter_roundtrip_and_gradient():
   y = routing.scatter_tokens(x, 2 * g, idx)
   mask = np.asarray(routing.membership_mask(idx, 6))
   np.testing.assert_allclose(y, np.where(mask[..., None], 2 * x, x))
-  grad = jax.grad(lambda x: jnp.sum(routing.scatter_tokens(x, 3 * routing.gather_tokens(x, idx),
-                                                           idx)))(x)
+  grad = jax.grad(
+    lambda x: jnp.sum(routing.scatter_tokens(x, 3 * routing.gather_tokens(x, idx), idx))
+  )(x)
   np.testing.assert_allclose(grad, np.broadcast_to(np.where(mask[..., None], 3.0, 1.0), x.shape))
 
 
@@ -68,7 +69,7 @@ def test_first_come_slots_and_dispatch_match_numpy(b, s, data):
     kept[first] = True
     np.testing.assert_array_equal(got.kept_BS[row], kept)
     np.testing.assert_array_equal(got.valid_BC[row], np.arange(slots) < first.size)
-    np.testing.assert_array_equal(got.indices_BC[row][:first.size], first)
+    np.testing.assert_array_equal(got.indices_BC[row][: first.size], first)
     want = np.where(kept[:, None], w[row, :, None] * np.tanh(x[row]) * 2.0, 0.0)
     np.testing.assert_allclose(out[row], want, atol=1e-6)
 
@@ -97,8 +98,9 @@ def test_dispatch_gradient_reaches_only_slotted_tokens():
   x = jax.random.normal(jax.random.key(0), (1, 5, 2))
   w = jnp.asarray([[1.0, 2.0, 3.0, 4.0, 5.0]])
   slots = routing.first_come_slots(jnp.asarray([[True, False, True, True, True]]), 2)
-  gx, gw = jax.grad(lambda x, w: jnp.sum(routing.dispatch_combine(lambda y: 3 * y, x, slots, w)),
-                    argnums=(0, 1))(x, w)
+  gx, gw = jax.grad(
+    lambda x, w: jnp.sum(routing.dispatch_combine(lambda y: 3 * y, x, slots, w)), argnums=(0, 1)
+  )(x, w)
   kept = np.array([1.0, 0, 1, 0, 0])  # The first two that want it: tokens 0 and 2.
   np.testing.assert_allclose(gx[0], np.broadcast_to((3 * kept * w[0])[:, None], (5, 2)))
   np.testing.assert_allclose(gw[0], kept * 3 * np.asarray(jnp.sum(x[0], -1)), rtol=1e-6)
@@ -123,5 +125,6 @@ def test_predictor_sees_stop_gradient_x():
   gp = jax.grad(lambda p: routing.predictor_loss(p, x, target))(params)
   assert np.abs(np.asarray(gp["w1_DH"])).max() > 0
   h = np.maximum(np.asarray(x) @ np.asarray(params["w1_DH"]), 0)
-  np.testing.assert_allclose(routing.predictor_logits(params, x), h @ np.asarray(params["w2_H"]),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    routing.predictor_logits(params, x), h @ np.asarray(params["w2_H"]), rtol=1e-5, atol=1e-5
+  )

@@ -10,8 +10,15 @@ from jax.sharding import PartitionSpec as P
 from configs import lm_dense
 from train import config_lib, main, sharding, trainer
 
-RULES = (("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"), ("q_heads", "tensor"),
-         ("kv_heads", "tensor"), ("head_dim", None), ("layers", None))
+RULES = (
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("q_heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("layers", None),
+)
 
 
 def tiny_config(**mesh):
@@ -22,8 +29,11 @@ def tiny_config(**mesh):
   c.log_every = 1
   c.eval_every = 0
   c.checkpoint_every = 0
-  c.model.update(dict(dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                      mlp_dim=128, dtype="float32"))
+  c.model.update(
+    dict(
+      dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128, dtype="float32"
+    )
+  )
   c.optimizer.warmup_steps = 2
   c.data.prefetch = 0
   c.mesh.update(mesh)
@@ -32,7 +42,10 @@ def tiny_config(**mesh):
 
 def test_resolve_mesh_shape_fills_the_rest():
   assert sharding.resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == {
-      "data": 4, "fsdp": 2, "tensor": 1}
+    "data": 4,
+    "fsdp": 2,
+    "tensor": 1,
+  }
   assert sharding.resolve_mesh_shape({"data": 2, "fsdp": 2, "tensor": 2}, 8)["tensor"] == 2
   with pytest.raises(ValueError, match="mesh"):
     sharding.resolve_mesh_shape({"data": 3, "fsdp": 1, "tensor": 1}, 8)
@@ -43,10 +56,12 @@ def test_resolve_mesh_shape_fills_the_rest():
 def test_logical_to_spec_follows_rules_and_divisibility():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   assert sharding.logical_to_spec(("layers", "embed", "mlp"), (2, 64, 128), mesh, RULES) == P(
-      None, "fsdp", "tensor")
+    None, "fsdp", "tensor"
+  )
   # kv_heads=1 cannot be split over tensor=2: replicated on that dimension.
-  assert sharding.logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 1, 16), mesh,
-                                  RULES) == P("fsdp", None, None)
+  assert sharding.logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 1, 16), mesh, RULES) == P(
+    "fsdp", None, None
+  )
   # One mesh axis never shards two dimensions of the same array.
   assert sharding.logical_to_spec(("mlp", "vocab"), (128, 256), mesh, RULES) == P("tensor", None)
   # A tuple of mesh axes.
@@ -76,8 +91,7 @@ def test_warns_when_a_large_parameter_is_replicated(caplog):
   mesh = sharding.make_mesh(dict(config.mesh))
   with caplog.at_level(logging.WARNING):
     trainer.setup(run, config, mesh)
-  assert any("embed" in r.getMessage() and "replicated" in r.getMessage()
-             for r in caplog.records)
+  assert any("embed" in r.getMessage() and "replicated" in r.getMessage() for r in caplog.records)
 
 
 def _losses(config, devices, tmp_path):

@@ -22,8 +22,11 @@ def tiny_config(**changes):
   c.log_every = 1
   c.eval_every = 0
   c.checkpoint_every = 0
-  c.model.update(dict(dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                      mlp_dim=128, dtype="float32"))
+  c.model.update(
+    dict(
+      dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128, dtype="float32"
+    )
+  )
   c.optimizer.warmup_steps = 2
   c.data.prefetch = 0
   c.mesh.data = 2
@@ -47,12 +50,17 @@ def random_batch(seed, b=8, s=16, vocab=320):
   rng = np.random.default_rng(seed)
   tokens = rng.integers(3, vocab, (b, s)).astype(np.int32)
   segment_ids = np.ones((b, s), np.int32)
-  segment_ids[:, s // 2:] = 2
+  segment_ids[:, s // 2 :] = 2
   segment_ids[0, -3:] = 0  # padding
   positions = np.concatenate([np.arange(s // 2)] * 2)[None].repeat(b, 0).astype(np.int32)
   loss_mask = (segment_ids > 0).astype(np.float32)
-  return {"tokens": tokens, "targets": np.roll(tokens, -1, 1), "segment_ids": segment_ids,
-          "positions": positions, "loss_mask": loss_mask}
+  return {
+    "tokens": tokens,
+    "targets": np.roll(tokens, -1, 1),
+    "segment_ids": segment_ids,
+    "positions": positions,
+    "loss_mask": loss_mask,
+  }
 
 
 def numpy_loss(setup, state, batch):
@@ -123,7 +131,9 @@ def test_run_stops_after_max_nonfinite_steps(tmp_path, monkeypatch):
         batch = dict(next(it))
         batch["loss_mask"] = batch["loss_mask"] * np.nan
         return batch
+
       get_state, set_state = it.get_state, it.set_state
+
     return Poisoned()
 
   monkeypatch.setattr(main, "make_data_iterator", poisoned)
@@ -193,8 +203,9 @@ def test_schedules():
 def test_weight_decay_skips_norms():
   config = tiny_config()
   kind, fields = config_lib.model_fields(config)
-  abstract = nnx.eval_shape(lambda: registry.build(kind, registry.make_config(kind, fields),
-                                                   rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(
+    lambda: registry.build(kind, registry.make_config(kind, fields), rngs=nnx.Rngs(0))
+  )
   mask = trainer.weight_decay_mask(nnx.state(abstract, nnx.Param))
   assert mask["layers"]["mlp"]["up"]["kernel"] and mask["embed"]
   assert not mask["layers"]["attn_norm"]["scale"] and not mask["final_norm"]["scale"]

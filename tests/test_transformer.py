@@ -8,8 +8,9 @@ from flax import nnx
 
 from models import transformer
 
-TINY = transformer.Config(vocab_size=61, dim=32, num_layers=3, num_heads=4, num_kv_heads=2,
-                          head_dim=8, mlp_dim=48)
+TINY = transformer.Config(
+  vocab_size=61, dim=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48
+)
 
 
 def _model(config=TINY, seed=0):
@@ -43,14 +44,15 @@ def test_packed_batch_equals_sequences_run_separately():
   for doc in docs:
     alone, _ = model(doc)
     n = doc.shape[1]
-    np.testing.assert_allclose(packed_logits[:, start:start + n], alone, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(packed_logits[:, start : start + n], alone, atol=1e-5, rtol=1e-5)
     start += n
 
 
 def test_positions_restart_per_segment():
   segment_ids = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]])
-  np.testing.assert_array_equal(transformer.positions_from_segments(segment_ids),
-                                [[0, 1, 2, 0, 1, 0, 0, 1]])
+  np.testing.assert_array_equal(
+    transformer.positions_from_segments(segment_ids), [[0, 1, 2, 0, 1, 0, 0, 1]]
+  )
 
 
 @pytest.mark.parametrize("remat", ["none", "full", "dots"])
@@ -71,8 +73,9 @@ def test_scan_and_remat_match_unrolled_forward_and_gradients(remat):
   loss_ref, grads_ref = loss_and_grads(reference)
   loss_var, grads_var = loss_and_grads(variant)
   np.testing.assert_allclose(loss_var, loss_ref, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
-               grads_var, grads_ref)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads_var, grads_ref
+  )
 
 
 def test_cached_forward_matches_teacher_forcing():
@@ -83,8 +86,9 @@ def test_cached_forward_matches_teacher_forcing():
   positions_BS = jnp.broadcast_to(jnp.arange(9), (2, 9))
   pieces = []
   for start, stop in [(0, 5), (5, 6), (6, 9)]:
-    logits, cache = model.forward_cached(tokens_BS[:, start:stop], positions_BS[:, start:stop],
-                                         cache)
+    logits, cache = model.forward_cached(
+      tokens_BS[:, start:stop], positions_BS[:, start:stop], cache
+    )
     pieces.append(logits)
   np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=1e-5, rtol=1e-5)
 
@@ -98,7 +102,10 @@ def test_every_parameter_has_logical_axes_matching_its_rank():
     axes = variable.get_metadata()["logical_axes"]
     assert len(axes) == variable[...].ndim
   assert params["layers"]["mlp"]["gate"]["kernel"].get_metadata()["logical_axes"] == (
-      "layers", "embed", "mlp")
+    "layers",
+    "embed",
+    "mlp",
+  )
 
 
 def test_bfloat16_compute_with_float32_params():
@@ -109,7 +116,9 @@ def test_bfloat16_compute_with_float32_params():
   assert bool(jnp.all(jnp.isfinite(logits)))
 
 
-@pytest.mark.parametrize("field,value,message", [
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
     ("num_kv_heads", 3, "model.num_heads=4 must be a multiple of model.num_kv_heads=3"),
     ("dim", 0, "model.dim=0"),
     ("head_dim", 7, "model.head_dim=7"),
@@ -120,7 +129,8 @@ def test_bfloat16_compute_with_float32_params():
     ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}, "model.rope_scaling"),
     ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "model.rope_scaling"),
     ("norm_eps", 0.0, "model.norm_eps=0.0"),
-])
+  ],
+)
 def test_bad_config_names_the_field(field, value, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
     TINY.replace(**{field: value})

@@ -22,12 +22,14 @@ def test_few_query_path_matches_reference_with_gqa_window_and_blind_rows(s, h, k
   assert xla_few_queries.use_few_query_path(q, kk)
 
   def ours(q, kk, v):
-    return attention(q, kk, v, causal=True, positions=q_pos, kv_positions=kv_pos,
-                     sliding_window=5, impl="xla")
+    return attention(
+      q, kk, v, causal=True, positions=q_pos, kv_positions=kv_pos, sliding_window=5, impl="xla"
+    )
 
   def expected(q, kk, v):
-    return reference.reference_attention(q, kk, v, causal=True, q_pos_BS=q_pos,
-                                         kv_pos_BT=kv_pos, sliding_window=5)[0]
+    return reference.reference_attention(
+      q, kk, v, causal=True, q_pos_BS=q_pos, kv_pos_BT=kv_pos, sliding_window=5
+    )[0]
 
   np.testing.assert_allclose(ours(q, kk, v), expected(q, kk, v), atol=1e-5, rtol=1e-5)
   np.testing.assert_array_equal(ours(q, kk, v)[1], 0.0)

@@ -37,13 +37,16 @@ def gather_json(obj: Any) -> list[Any]:
   if jax.process_count() == 1:
     return [obj]
   from jax.experimental import multihost_utils
+
   raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
   lengths = multihost_utils.process_allgather(np.array([raw.size], np.int32))
   padded = np.zeros(int(np.max(lengths)), np.uint8)
-  padded[:raw.size] = raw
+  padded[: raw.size] = raw
   everything = multihost_utils.process_allgather(padded)
-  return [json.loads(bytes(row[:int(n)]).decode())
-          for row, n in zip(everything, np.asarray(lengths).reshape(-1))]
+  return [
+    json.loads(bytes(row[: int(n)]).decode())
+    for row, n in zip(everything, np.asarray(lengths).reshape(-1))
+  ]
 
 
 class Checkpointer:
@@ -52,9 +55,11 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True):
     self.directory = epath.Path(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data"))
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+    )
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "data")
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -66,19 +71,27 @@ class Checkpointer:
     """Starts an async save of `state` and this process's `data_state` at `step`."""
     states = gather_json(data_state)
     data = {"process_count": len(states), "states": states}
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True)
+    return self.manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)),
+      force=True,
+    )
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
     """(state laid out as `abstract_state`'s shardings, this process's data iterator state)."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    restored = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+      ),
+    )
     data = restored["data"]
     if data["process_count"] != jax.process_count():
       raise ValueError(
-          f"checkpoint {self.directory}/{step} was written by {data['process_count']} processes "
-          f"and this run has {jax.process_count()}; the data iterator position cannot be "
-          f"carried over (start a new workdir with init_from={str(self.directory)!r})")
+        f"checkpoint {self.directory}/{step} was written by {data['process_count']} processes "
+        f"and this run has {jax.process_count()}; the data iterator position cannot be "
+        f"carried over (start a new workdir with init_from={str(self.directory)!r})"
+      )
     return restored["state"], data["states"][jax.process_index()]
 
   def wait(self) -> None:
@@ -93,14 +106,17 @@ def _state_item_dir(path: epath.Path) -> epath.Path:
   """The `state` item of a checkpoint: `path` may be a run's checkpoint dir or a step dir."""
   if (path / "state").is_dir():
     return path / "state"
-  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_names=("state", "data"))
+  manager = ocp.CheckpointManager(
+    path, options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state", "data")
+  )
   step = manager.latest_step()
   manager.close()
   if step is None:
-    raise ValueError(f"init_from={str(path)!r}: no checkpoint found there (expected an orbax "
-                     f"checkpoint directory, one of its step directories, or a Hugging Face "
-                     f"model directory with config.json)")
+    raise ValueError(
+      f"init_from={str(path)!r}: no checkpoint found there (expected an orbax "
+      f"checkpoint directory, one of its step directories, or a Hugging Face "
+      f"model directory with config.json)"
+    )
   return path / str(step) / "state"
 
 
@@ -110,9 +126,14 @@ def load_params(path: str, abstract_params: Any) -> Any:
   logging.info("init_from: restoring parameters from %s", item)
   target = {"params": abstract_params}
   with ocp.PyTreeCheckpointer() as checkpointer:
-    restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
+    restored = checkpointer.restore(
+      item,
+      args=ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+      ),
+    )
   return restored["params"]
 
 

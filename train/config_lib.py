@@ -21,17 +21,43 @@ from train import sharding
 
 SCHEDULES = ("cosine", "constant", "linear")
 DATA_LOADING = ("sharded", "replicated")
-REQUIRED_FIELDS = ("seed", "total_steps", "batch_size", "seq_len", "checkpoint_every",
-                   "eval_every", "eval_steps", "log_every", "mesh", "logical_axis_rules",
-                   "model", "optimizer", "data", "init_from", "keep_checkpoints",
-                   "max_nonfinite_steps", "profile_steps")
-OPTIMIZER_FIELDS = ("learning_rate", "schedule", "warmup_steps", "min_learning_rate_ratio",
-                    "weight_decay", "b1", "b2", "eps", "grad_clip_norm", "grad_accum_steps")
+REQUIRED_FIELDS = (
+  "seed",
+  "total_steps",
+  "batch_size",
+  "seq_len",
+  "checkpoint_every",
+  "eval_every",
+  "eval_steps",
+  "log_every",
+  "mesh",
+  "logical_axis_rules",
+  "model",
+  "optimizer",
+  "data",
+  "init_from",
+  "keep_checkpoints",
+  "max_nonfinite_steps",
+  "profile_steps",
+)
+OPTIMIZER_FIELDS = (
+  "learning_rate",
+  "schedule",
+  "warmup_steps",
+  "min_learning_rate_ratio",
+  "weight_decay",
+  "b1",
+  "b2",
+  "eps",
+  "grad_clip_norm",
+  "grad_accum_steps",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
   """What validation resolved: the concrete mesh shape and model config."""
+
   mesh_shape: dict[str, int]
   model_kind: str
   model_config: Any
@@ -48,12 +74,14 @@ def _check_int(name: str, value, minimum: int, meaning: str = "") -> None:
     raise ValueError(f"{name}={value!r}: must be {allowed}{meaning}")
 
 
-def _check_float(name: str, value, low: float, high: float, *, low_open=False,
-                 high_open=False) -> None:
+def _check_float(
+  name: str, value, low: float, high: float, *, low_open=False, high_open=False
+) -> None:
   ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
   if ok:
     ok = (value > low if low_open else value >= low) and (
-        value < high if high_open else value <= high)
+      value < high if high_open else value <= high
+    )
   if not ok:
     lo = "(" if low_open else "["
     hi = ")" if high_open else "]"
@@ -71,8 +99,10 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> Run:
   """Checks every field of a training config; returns the resolved Run."""
   missing = [f for f in REQUIRED_FIELDS if f not in config]
   if missing:
-    raise ValueError(f"config.{missing[0]}: required field is missing; a training config "
-                     f"has {list(REQUIRED_FIELDS)}")
+    raise ValueError(
+      f"config.{missing[0]}: required field is missing; a training config "
+      f"has {list(REQUIRED_FIELDS)}"
+    )
   _check_int("seed", config.seed, 0)
   _check_int("total_steps", config.total_steps, 1)
   _check_int("batch_size", config.batch_size, 1, " (global batch, in sequences)")
@@ -86,10 +116,12 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> Run:
   if not isinstance(config.init_from, str):
     raise ValueError(f"init_from={config.init_from!r}: must be a path string ('' = none)")
   profile = tuple(config.profile_steps)
-  if profile and (len(profile) != 2 or not all(_is_int(s) for s in profile)
-                  or not 0 <= profile[0] < profile[1]):
-    raise ValueError(f"profile_steps={config.profile_steps!r}: must be () or (start, stop) "
-                     f"with 0 <= start < stop")
+  if profile and (
+    len(profile) != 2 or not all(_is_int(s) for s in profile) or not 0 <= profile[0] < profile[1]
+  ):
+    raise ValueError(
+      f"profile_steps={config.profile_steps!r}: must be () or (start, stop) with 0 <= start < stop"
+    )
 
   data_loading = config.get("data_loading", "sharded")
   if data_loading not in DATA_LOADING:
@@ -110,8 +142,9 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> Run:
     raise ValueError(f"optimizer.schedule={opt.schedule!r}; allowed: {list(SCHEDULES)}")
   _check_int("optimizer.warmup_steps", opt.warmup_steps, 0)
   if opt.warmup_steps > config.total_steps:
-    raise ValueError(f"optimizer.warmup_steps={opt.warmup_steps}: must be <= total_steps="
-                     f"{config.total_steps}")
+    raise ValueError(
+      f"optimizer.warmup_steps={opt.warmup_steps}: must be <= total_steps={config.total_steps}"
+    )
   _check_float("optimizer.min_learning_rate_ratio", opt.min_learning_rate_ratio, 0.0, 1.0)
   _check_float("optimizer.weight_decay", opt.weight_decay, 0.0, 10.0)
   _check_float("optimizer.b1", opt.b1, 0.0, 1.0, high_open=True)
@@ -122,40 +155,54 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> Run:
 
   # Batch divisibility.
   if config.batch_size % process_count:
-    raise ValueError(f"batch_size={config.batch_size}: must be divisible by the process "
-                     f"count {process_count}")
+    raise ValueError(
+      f"batch_size={config.batch_size}: must be divisible by the process count {process_count}"
+    )
   if config.batch_size % opt.grad_accum_steps:
-    raise ValueError(f"batch_size={config.batch_size}: must be divisible by "
-                     f"optimizer.grad_accum_steps={opt.grad_accum_steps}")
+    raise ValueError(
+      f"batch_size={config.batch_size}: must be divisible by "
+      f"optimizer.grad_accum_steps={opt.grad_accum_steps}"
+    )
   micro = config.batch_size // opt.grad_accum_steps
   if micro % dp:
     raise ValueError(
-        f"batch_size={config.batch_size}: each micro-batch (batch_size / "
-        f"optimizer.grad_accum_steps = {micro}) must be divisible by the data-parallel size "
-        f"mesh.data * mesh.fsdp = {dp}")
+      f"batch_size={config.batch_size}: each micro-batch (batch_size / "
+      f"optimizer.grad_accum_steps = {micro}) must be divisible by the data-parallel size "
+      f"mesh.data * mesh.fsdp = {dp}"
+    )
 
   # Model.
   kind, fields = model_fields(config)
   model_config = registry.make_config(kind, fields)
   tensor = mesh_shape["tensor"]
   if model_config.num_heads % tensor:
-    raise ValueError(f"model.num_heads={model_config.num_heads}: must be divisible by "
-                     f"mesh.tensor={tensor}")
+    raise ValueError(
+      f"model.num_heads={model_config.num_heads}: must be divisible by mesh.tensor={tensor}"
+    )
   if model_config.param_dtype != "float32":
-    raise ValueError(f"model.param_dtype={model_config.param_dtype!r}: training keeps "
-                     f"float32 parameters and optimizer state; allowed: ['float32']")
+    raise ValueError(
+      f"model.param_dtype={model_config.param_dtype!r}: training keeps "
+      f"float32 parameters and optimizer state; allowed: ['float32']"
+    )
 
   # Data (the data module validates its own section).
   from train import data as data_lib
-  data_lib.validate_data_config(config.data, seq_len=config.seq_len,
-                                global_batch_size=config.batch_size,
-                                process_count=process_count)
+
+  data_lib.validate_data_config(
+    config.data,
+    seq_len=config.seq_len,
+    global_batch_size=config.batch_size,
+    process_count=process_count,
+  )
   vocab = tokenizer_vocab_size(config.data)
   if vocab is not None and model_config.vocab_size < vocab:
-    raise ValueError(f"model.vocab_size={model_config.vocab_size}: must be >= the "
-                     f"tokenizer's vocabulary size {vocab}")
-  return Run(mesh_shape=mesh_shape, model_kind=kind, model_config=model_config,
-             micro_batch_size=micro)
+    raise ValueError(
+      f"model.vocab_size={model_config.vocab_size}: must be >= the "
+      f"tokenizer's vocabulary size {vocab}"
+    )
+  return Run(
+    mesh_shape=mesh_shape, model_kind=kind, model_config=model_config, micro_batch_size=micro
+  )
 
 
 def tokenizer_vocab_size(data_config: Mapping[str, Any]) -> int | None:
@@ -164,4 +211,5 @@ def tokenizer_vocab_size(data_config: Mapping[str, Any]) -> int | None:
   if spec is None:
     return None
   from train import tokenizer as tokenizer_lib
+
   return tokenizer_lib.load_tokenizer(spec).vocab_size

@@ -37,8 +37,9 @@ class NonFiniteError(RuntimeError):
 # ----------------------------------------------------------------------------- distributed
 
 
-def wants_distributed(coordinator_address: str | None, num_processes: int | None,
-                      environ=os.environ) -> bool:
+def wants_distributed(
+  coordinator_address: str | None, num_processes: int | None, environ=os.environ
+) -> bool:
   """Whether this run is multi-process (decided from flags and the environment)."""
   if coordinator_address or (num_processes is not None and num_processes > 1):
     return True
@@ -48,17 +49,25 @@ def wants_distributed(coordinator_address: str | None, num_processes: int | None
   return len(hosts) > 1
 
 
-def maybe_initialize_distributed(coordinator_address: str | None = None,
-                                 num_processes: int | None = None,
-                                 process_id: int | None = None) -> bool:
+def maybe_initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> bool:
   """Calls jax.distributed.initialize() for multi-process runs; returns whether it did."""
   if not wants_distributed(coordinator_address, num_processes):
     return False
   # CPU backends need an explicit cross-process collectives implementation.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  kwargs = {k: v for k, v in (("coordinator_address", coordinator_address),
-                              ("num_processes", num_processes),
-                              ("process_id", process_id)) if v is not None}
+  kwargs = {
+    k: v
+    for k, v in (
+      ("coordinator_address", coordinator_address),
+      ("num_processes", num_processes),
+      ("process_id", process_id),
+    )
+    if v is not None
+  }
   jax.distributed.initialize(**kwargs)
   return True
 
@@ -78,7 +87,7 @@ class _Rows:
   def __next__(self):
     batch = next(self.iterator)
     rows = next(iter(batch.values())).shape[0] // self.count
-    return {k: v[self.index * rows:(self.index + 1) * rows] for k, v in batch.items()}
+    return {k: v[self.index * rows : (self.index + 1) * rows] for k, v in batch.items()}
 
   def get_state(self):
     return self.iterator.get_state()
@@ -92,12 +101,18 @@ class _Rows:
 
 def make_data_iterator(config, split: str):
   from train import data as data_lib
+
   pi, pc = jax.process_index(), jax.process_count()
   replicated = config.get("data_loading", "sharded") == "replicated"
   iterator = data_lib.make_iterator(
-      config.data, seq_len=config.seq_len, global_batch_size=config.batch_size,
-      seed=config.seed, split=split, process_index=0 if replicated else pi,
-      process_count=1 if replicated else pc)
+    config.data,
+    seq_len=config.seq_len,
+    global_batch_size=config.batch_size,
+    seed=config.seed,
+    split=split,
+    process_index=0 if replicated else pi,
+    process_count=1 if replicated else pc,
+  )
   return _Rows(iterator, pi, pc) if replicated else iterator
 
 
@@ -123,6 +138,7 @@ class _Preemption:
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       try:
         return multihost_utils.reached_preemption_sync_point(step)
       except Exception:  # pylint: disable=broad-except
@@ -142,8 +158,9 @@ def _mean(values):
 def evaluate(setup, state, eval_iterator, start_state, steps: int) -> float:
   """Mean next-token cross entropy (nats) over `steps` held-out batches."""
   eval_iterator.set_state(start_state)
-  sums = [setup.eval_step(state, trainer.device_batch(next(eval_iterator), setup))
-          for _ in range(steps)]
+  sums = [
+    setup.eval_step(state, trainer.device_batch(next(eval_iterator), setup)) for _ in range(steps)
+  ]
   sums = jax.device_get(sums)
   return float(sum(s["ce_sum"] for s in sums) / max(sum(s["count"] for s in sums), 1.0))
 
@@ -166,16 +183,20 @@ def _initial_state(config, setup, run, mesh, ckpt, train_iter, writer):
   if checkpoint_lib.is_hf_directory(config.init_from):
     from flax import nnx
     from models import hf
+
     rules = tuple(tuple(r) for r in config.logical_axis_rules)
     model, _ = hf.load(config.init_from, dtype=run.model_config.dtype, mesh=mesh, rules=rules)
     params = nnx.state(model, nnx.Param).to_pure_dict()
     shapes = jax.tree.map(lambda a: a.shape, abstract_params)
     got = jax.tree.map(lambda a: a.shape, params)
     if shapes != got:
-      raise ValueError(f"init_from={config.init_from!r}: the Hugging Face model's parameter "
-                       f"shapes do not match config.model ({got} vs {shapes})")
-    params = jax.tree.map(lambda a, s: jax.device_put(a.astype(s.dtype), s.sharding),
-                          params, abstract_params)
+      raise ValueError(
+        f"init_from={config.init_from!r}: the Hugging Face model's parameter "
+        f"shapes do not match config.model ({got} vs {shapes})"
+      )
+    params = jax.tree.map(
+      lambda a, s: jax.device_put(a.astype(s.dtype), s.sharding), params, abstract_params
+    )
   else:
     params = checkpoint_lib.load_params(config.init_from, abstract_params)
   state["params"] = params
@@ -191,8 +212,9 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[Any] | None = 
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   setup = trainer.setup(run, config, mesh)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     keep=config.keep_checkpoints)
+  ckpt = checkpoint_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
+  )
   train_iter = make_data_iterator(config, "train")
   eval_iter = make_data_iterator(config, "eval") if config.eval_every else None
   eval_start = eval_iter.get_state() if eval_iter is not None else None
@@ -203,8 +225,11 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[Any] | None = 
   peak_total = peak * len(devices) if peak else None
   n_params = trainer.num_params(setup.abstract_state)
   if is_main:
-    print(f"{how}: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
-          f"{jax.process_count()} process(es), step {step}/{total}", flush=True)
+    print(
+      f"{how}: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
+      f"{jax.process_count()} process(es), step {step}/{total}",
+      flush=True,
+    )
 
   preemption = _Preemption()
   profile = tuple(config.profile_steps)
@@ -294,9 +319,10 @@ def _check_streak(step_metrics, limit: int, step: int) -> None:
   streak = int(jax.device_get(step_metrics["nonfinite_streak"]))
   if streak >= limit:
     raise NonFiniteError(
-        f"step {step}: {streak} consecutive steps had a non-finite loss or gradient "
-        f"(max_nonfinite_steps={limit}); stopping. Their updates were skipped and no "
-        f"non-finite state was checkpointed; lower optimizer.learning_rate or check the data.")
+      f"step {step}: {streak} consecutive steps had a non-finite loss or gradient "
+      f"(max_nonfinite_steps={limit}); stopping. Their updates were skipped and no "
+      f"non-finite state was checkpointed; lower optimizer.learning_rate or check the data."
+    )
 
 
 def _record(host: list[dict], run, config, seconds_per_step: float, peak_total) -> dict:
@@ -304,11 +330,11 @@ def _record(host: list[dict], run, config, seconds_per_step: float, peak_total) 
   last = host[-1]
   finite = [h for h in host if h["finite"] > 0]
   record = {
-      "loss": _mean([float(h["loss"]) for h in finite]) if finite else float("nan"),
-      "lm_loss": _mean([float(h["lm_loss"]) for h in finite]) if finite else float("nan"),
-      "learning_rate": float(last["learning_rate"]),
-      "grad_norm": _mean([float(h["grad_norm"]) for h in finite]) if finite else float("nan"),
-      "nonfinite_steps": int(last["nonfinite_total"]),
+    "loss": _mean([float(h["loss"]) for h in finite]) if finite else float("nan"),
+    "lm_loss": _mean([float(h["lm_loss"]) for h in finite]) if finite else float("nan"),
+    "learning_rate": float(last["learning_rate"]),
+    "grad_norm": _mean([float(h["grad_norm"]) for h in finite]) if finite else float("nan"),
+    "nonfinite_steps": int(last["nonfinite_total"]),
   }
   aux = {}
   for key in last:
@@ -316,9 +342,16 @@ def _record(host: list[dict], run, config, seconds_per_step: float, peak_total) 
       record[key] = _mean([float(h[key]) for h in host])
       if key.startswith("aux/"):
         aux[key[4:]] = record[key]
-  record.update(metrics_lib.throughput(
-      run.model_config, batch=config.batch_size, seq_len=config.seq_len,
-      seconds_per_step=seconds_per_step, aux_metrics=aux, peak_flops=peak_total))
+  record.update(
+    metrics_lib.throughput(
+      run.model_config,
+      batch=config.batch_size,
+      seq_len=config.seq_len,
+      seconds_per_step=seconds_per_step,
+      aux_metrics=aux,
+      peak_flops=peak_total,
+    )
+  )
   return record
 
 
@@ -327,11 +360,12 @@ def _record(host: list[dict], run, config, seconds_per_step: float, peak_total) 
 
 def main(argv):
   from absl import flags
+
   del argv
   FLAGS = flags.FLAGS
-  maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                               FLAGS.process_id)
+  maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from absl import logging as absl_logging
+
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
     absl_logging.set_verbosity(absl_logging.WARNING)
   config = FLAGS.config
@@ -341,15 +375,18 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1 if isinstance(e, NonFiniteError) else 2)
   if jax.process_index() == 0:
-    print(f"done: {summary['status']} at step {summary['step']}; workdir {FLAGS.workdir}",
-          flush=True)
+    print(
+      f"done: {summary['status']} at step {summary['step']}; workdir {FLAGS.workdir}", flush=True
+    )
 
 
 def _define_flags():
   from absl import flags
   from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).",
-                                  lock_config=True)
+
+  config_flags.DEFINE_config_file(
+    "config", None, "Training config file (get_config()).", lock_config=True
+  )
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and events.")
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
   flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
@@ -359,12 +396,15 @@ def _define_flags():
 
 if __name__ == "__main__":
   from absl import app
+
   _define_flags()
   try:
     app.run(main)
   except (KeyError, AttributeError) as e:  # raised by config_flags for an unknown field
     if not any(a.startswith("--config.") for a in sys.argv):
       raise
-    print(f"error: a --config.FIELD override names a field the config does not have: {e}",
-          file=sys.stderr)
+    print(
+      f"error: a --config.FIELD override names a field the config does not have: {e}",
+      file=sys.stderr,
+    )
     sys.exit(2)

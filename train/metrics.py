@@ -23,11 +23,16 @@ from adaptive import flops as flops_lib
 
 # Peak dense bf16 TFLOP/s per chip, matched against `device.device_kind` (lower case).
 PEAK_BF16_TFLOPS = (
-    ("v6 lite", 918.0), ("v6e", 918.0),
-    ("v5 lite", 197.0), ("v5e", 197.0),
-    ("v5p", 459.0), ("v5", 459.0),
-    ("v4", 275.0),
-    ("h200", 989.0), ("h100", 989.0), ("a100", 312.0),
+  ("v6 lite", 918.0),
+  ("v6e", 918.0),
+  ("v5 lite", 197.0),
+  ("v5e", 197.0),
+  ("v5p", 459.0),
+  ("v5", 459.0),
+  ("v4", 275.0),
+  ("h200", 989.0),
+  ("h100", 989.0),
+  ("a100", 312.0),
 )
 
 
@@ -63,16 +68,23 @@ class StepTimer:
     return seconds, steps
 
 
-def throughput(model_config: Any, *, batch: int, seq_len: int, seconds_per_step: float,
-               aux_metrics: Mapping[str, float], peak_flops: float | None) -> dict[str, float]:
+def throughput(
+  model_config: Any,
+  *,
+  batch: int,
+  seq_len: int,
+  seconds_per_step: float,
+  aux_metrics: Mapping[str, float],
+  peak_flops: float | None,
+) -> dict[str, float]:
   """tokens/s, dense and executed FLOP/s and (with a peak) MFU of one step."""
   dense = flops_lib.dense_train_flops(model_config, batch, seq_len)
   executed = flops_lib.executed_train_flops(model_config, batch, seq_len, dict(aux_metrics))
   out = {
-      "seconds_per_step": seconds_per_step,
-      "tokens_per_second": batch * seq_len / seconds_per_step,
-      "dense_flops_per_second": dense / seconds_per_step,
-      "executed_flops_per_second": executed / seconds_per_step,
+    "seconds_per_step": seconds_per_step,
+    "tokens_per_second": batch * seq_len / seconds_per_step,
+    "dense_flops_per_second": dense / seconds_per_step,
+    "executed_flops_per_second": executed / seconds_per_step,
   }
   if peak_flops:
     out["dense_mfu"] = out["dense_flops_per_second"] / peak_flops
@@ -92,15 +104,21 @@ def progress_line(step: int, total_steps: int, record: Mapping[str, Any], eta_s:
   parts = [f"step {step}/{total_steps}", f"loss {record['loss']:.4f}"]
   if "eval_loss" in record:
     parts.append(f"eval {record['eval_loss']:.4f}")
-  parts += [f"lr {record['learning_rate']:.2e}", f"gnorm {record['grad_norm']:.3f}",
-            f"{_si(record['tokens_per_second'])} tok/s",
-            f"{_si(record['executed_flops_per_second'])}FLOP/s"]
+  parts += [
+    f"lr {record['learning_rate']:.2e}",
+    f"gnorm {record['grad_norm']:.3f}",
+    f"{_si(record['tokens_per_second'])} tok/s",
+    f"{_si(record['executed_flops_per_second'])}FLOP/s",
+  ]
   if "executed_mfu" in record:
-    parts.append(f"MFU {100 * record['dense_mfu']:.1f}% dense "
-                 f"{100 * record['executed_mfu']:.1f}% exec")
-  parts += [f"{record['seconds_per_step']:.3f} s/step",
-            f"skipped {record['nonfinite_steps']}",
-            f"ETA {datetime.timedelta(seconds=round(max(eta_s, 0.0)))}"]
+    parts.append(
+      f"MFU {100 * record['dense_mfu']:.1f}% dense {100 * record['executed_mfu']:.1f}% exec"
+    )
+  parts += [
+    f"{record['seconds_per_step']:.3f} s/step",
+    f"skipped {record['nonfinite_steps']}",
+    f"ETA {datetime.timedelta(seconds=round(max(eta_s, 0.0)))}",
+  ]
   return " | ".join(parts)
 
 
@@ -114,6 +132,7 @@ class MetricsWriter:
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter
+
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def truncate_after(self, step: int) -> None:

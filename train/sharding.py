@@ -47,18 +47,23 @@ def resolve_mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict
     if size != -1 and size < 1:
       raise ValueError(f"mesh.{axis}={size}: must be a positive integer or -1 (the rest)")
   if len(rest) > 1:
-    raise ValueError(f"mesh.{rest[1]}=-1: at most one mesh axis may be -1 "
-                     f"(already mesh.{rest[0]}=-1)")
+    raise ValueError(
+      f"mesh.{rest[1]}=-1: at most one mesh axis may be -1 (already mesh.{rest[0]}=-1)"
+    )
   fixed = math.prod(size for size in sizes.values() if size != -1)
   if rest:
     if num_devices % fixed:
-      raise ValueError(f"mesh.{rest[0]}=-1: the other axes ({fixed} devices) do not divide "
-                       f"the {num_devices} devices")
+      raise ValueError(
+        f"mesh.{rest[0]}=-1: the other axes ({fixed} devices) do not divide "
+        f"the {num_devices} devices"
+      )
     sizes[rest[0]] = num_devices // fixed
   elif fixed != num_devices:
-    raise ValueError(f"mesh={dict(mesh_config)}: {fixed} devices in the mesh but "
-                     f"{num_devices} available; the product of the sizes must equal the "
-                     f"device count (use -1 for one axis to take the rest)")
+    raise ValueError(
+      f"mesh={dict(mesh_config)}: {fixed} devices in the mesh but "
+      f"{num_devices} available; the product of the sizes must equal the "
+      f"device count (use -1 for one axis to take the rest)"
+    )
   return sizes
 
 
@@ -70,8 +75,9 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = No
   if len(devices) == jax.device_count():
     return jax.make_mesh(shape, MESH_AXES, (AxisType.Auto,) * len(MESH_AXES), devices=devices)
   # A subset of devices (tests, resharding): keep their order.
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  return Mesh(
+    np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)
+  )
 
 
 def rules_dict(rules: Rules) -> dict[str, tuple[str, ...]]:
@@ -79,8 +85,9 @@ def rules_dict(rules: Rules) -> dict[str, tuple[str, ...]]:
   return partitioning.rules_table(rules, MESH_AXES)
 
 
-def logical_to_spec(logical_axes: Iterable[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Rules) -> PartitionSpec:
+def logical_to_spec(
+  logical_axes: Iterable[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules
+) -> PartitionSpec:
   """PartitionSpec of an array whose dimensions carry `logical_axes` names."""
   return partitioning.partition_spec(tuple(logical_axes), shape, mesh, rules)
 
@@ -91,8 +98,9 @@ def _metadata_axes(variable) -> tuple | None:
   return None if axes is None else tuple(axes)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules, *,
-                    warn_replicated: bool = True) -> Any:
+def state_shardings(
+  state: nnx.State, mesh: Mesh, rules: Rules, *, warn_replicated: bool = True
+) -> Any:
   """NamedShardings (as a pure dict shaped like `state.to_pure_dict()`).
 
   `state` is an abstract (nnx.eval_shape) or concrete nnx.State; variables
@@ -106,11 +114,19 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules, *,
     shape = tuple(value.shape)
     axes = _metadata_axes(variable)
     spec = PartitionSpec() if axes is None else logical_to_spec(axes, shape, mesh, rules)
-    if (warn_replicated and model_parallel and math.prod(shape) >= LARGE_PARAM_ELEMENTS
-        and all(s is None for s in spec)):
-      logging.warning("sharding: parameter %s %s (logical axes %s) is replicated on every "
-                      "device; add a logical_axis_rules entry for one of its axes",
-                      "/".join(map(str, path)), shape, axes)
+    if (
+      warn_replicated
+      and model_parallel
+      and math.prod(shape) >= LARGE_PARAM_ELEMENTS
+      and all(s is None for s in spec)
+    ):
+      logging.warning(
+        "sharding: parameter %s %s (logical axes %s) is replicated on every "
+        "device; add a logical_axis_rules entry for one of its axes",
+        "/".join(map(str, path)),
+        shape,
+        axes,
+      )
     return NamedSharding(mesh, spec)
 
   flat = {path: one(path, variable) for path, variable in state.flat_state()}
@@ -141,11 +157,17 @@ def optimizer_shardings(tx, abstract_params, params_shardings, mesh: Mesh) -> An
   params_def = jax.tree.structure(abstract_params)
 
   def is_params_tree(x) -> bool:
-    return (not isinstance(x, jax.ShapeDtypeStruct) and isinstance(x, (dict, Mapping))
-            and jax.tree.structure(x) == params_def)
+    return (
+      not isinstance(x, jax.ShapeDtypeStruct)
+      and isinstance(x, (dict, Mapping))
+      and jax.tree.structure(x) == params_def
+    )
 
-  return jax.tree.map(lambda x: params_shardings if is_params_tree(x) else replicated(mesh),
-                      abstract_opt, is_leaf=is_params_tree)
+  return jax.tree.map(
+    lambda x: params_shardings if is_params_tree(x) else replicated(mesh),
+    abstract_opt,
+    is_leaf=is_params_tree,
+  )
 
 
 def describe(shardings: Any) -> str:

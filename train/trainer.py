@@ -38,8 +38,13 @@ from models import registry
 from train import sharding
 
 BATCH_FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
-BATCH_DTYPES = {"tokens": np.int32, "targets": np.int32, "positions": np.int32,
-                "segment_ids": np.int32, "loss_mask": np.float32}
+BATCH_DTYPES = {
+  "tokens": np.int32,
+  "targets": np.int32,
+  "positions": np.int32,
+  "segment_ids": np.int32,
+  "loss_mask": np.float32,
+}
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -93,16 +98,25 @@ def make_optimizer(opt, total_steps: int, decay_mask=None) -> optax.GradientTran
   parts = []
   if opt.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(opt.grad_clip_norm)))
-  parts.append(optax.adamw(schedule, b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps),
-                           weight_decay=float(opt.weight_decay), mask=decay_mask))
+  parts.append(
+    optax.adamw(
+      schedule,
+      b1=float(opt.b1),
+      b2=float(opt.b2),
+      eps=float(opt.eps),
+      weight_decay=float(opt.weight_decay),
+      mask=decay_mask,
+    )
+  )
   return optax.chain(*parts)
 
 
 # ----------------------------------------------------------------------------- loss
 
 
-def masked_cross_entropy_sum(logits_BSV: jax.Array, targets_BS: jax.Array,
-                             loss_mask_BS: jax.Array) -> tuple[jax.Array, jax.Array]:
+def masked_cross_entropy_sum(
+  logits_BSV: jax.Array, targets_BS: jax.Array, loss_mask_BS: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """(sum of masked next-token cross entropy in nats, sum of the mask), float32."""
   logits_BSV = logits_BSV.astype(jnp.float32)
   ce_BS = optax.softmax_cross_entropy_with_integer_labels(logits_BSV, targets_BS)
@@ -116,11 +130,12 @@ def masked_cross_entropy_sum(logits_BSV: jax.Array, targets_BS: jax.Array,
 @dataclasses.dataclass
 class Setup:
   """Everything compiled for one run on one mesh."""
+
   mesh: Mesh
   graphdef: Any
   tx: optax.GradientTransformation
   schedule: Callable
-  abstract_state: Any            # ShapeDtypeStructs with .sharding set
+  abstract_state: Any  # ShapeDtypeStructs with .sharding set
   state_shardings: Any
   batch_shardings: dict[str, NamedSharding]
   init: Callable[[], Any]
@@ -149,17 +164,20 @@ def setup(run, config, mesh: Mesh, *, donate: bool = True) -> Setup:
   params_shardings = sharding.state_shardings(abstract_params, mesh, rules)
   rest_shardings = sharding.state_shardings(abstract_rest, mesh, rules, warn_replicated=False)
   abstract_params_pure = jax.tree.map(
-      lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), abstract_params.to_pure_dict())
-  tx = make_optimizer(config.optimizer, int(config.total_steps),
-                      weight_decay_mask(abstract_params))
+    lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), abstract_params.to_pure_dict()
+  )
+  tx = make_optimizer(config.optimizer, int(config.total_steps), weight_decay_mask(abstract_params))
   schedule = make_schedule(config.optimizer, int(config.total_steps))
   repl = sharding.replicated(mesh)
   has_rest = bool(jax.tree.leaves(abstract_rest.to_pure_dict()))
 
   state_shardings = {
-      "params": params_shardings,
-      "opt_state": sharding.optimizer_shardings(tx, abstract_params_pure, params_shardings, mesh),
-      "step": repl, "rng": repl, "nonfinite_streak": repl, "nonfinite_total": repl,
+    "params": params_shardings,
+    "opt_state": sharding.optimizer_shardings(tx, abstract_params_pure, params_shardings, mesh),
+    "step": repl,
+    "rng": repl,
+    "nonfinite_streak": repl,
+    "nonfinite_total": repl,
   }
   if has_rest:
     state_shardings["model_state"] = rest_shardings
@@ -169,20 +187,22 @@ def setup(run, config, mesh: Mesh, *, donate: bool = True) -> Setup:
     _, params, rest = _split(model)
     params = params.to_pure_dict()
     state = {
-        "params": params,
-        "opt_state": tx.init(params),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key_data(jax.random.key(seed)),
-        "nonfinite_streak": jnp.zeros((), jnp.int32),
-        "nonfinite_total": jnp.zeros((), jnp.int32),
+      "params": params,
+      "opt_state": tx.init(params),
+      "step": jnp.zeros((), jnp.int32),
+      "rng": jax.random.key_data(jax.random.key(seed)),
+      "nonfinite_streak": jnp.zeros((), jnp.int32),
+      "nonfinite_total": jnp.zeros((), jnp.int32),
     }
     if has_rest:
       state["model_state"] = rest.to_pure_dict()
     return state
 
   abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      jax.eval_shape(init_fn), state_shardings)
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    jax.eval_shape(init_fn),
+    state_shardings,
+  )
   init = jax.jit(init_fn, out_shardings=state_shardings)
 
   batch_sharding = sharding.batch_sharding(mesh)
@@ -210,25 +230,30 @@ def setup(run, config, mesh: Mesh, *, donate: bool = True) -> Setup:
     total_count = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     if grad_accum == 1:
       (loss, (ce_sum, aux_losses, aux_metrics, rest)), grads = grad_fn(
-          params, rest, batch, total_count)
+        params, rest, batch, total_count
+      )
     else:
+
       def to_micro(x):  # [B, ...] -> [A, B/A, ...], micro-batch a = rows a, A+a, 2A+a, ...
         x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1)
         spec = PartitionSpec(None, sharding.BATCH_AXES, *([None] * (x.ndim - 2)))
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
       micro = {k: to_micro(v) for k, v in batch.items()}
 
       def body(carry, mb):
         grads_acc, loss_acc, ce_acc, rest = carry
         (loss, (ce_sum, aux_losses, aux_metrics, rest)), grads = grad_fn(
-            params, rest, mb, total_count)
+          params, rest, mb, total_count
+        )
         grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
         return (grads_acc, loss_acc + loss, ce_acc + ce_sum, rest), (aux_losses, aux_metrics)
 
       zeros = jax.tree.map(jnp.zeros_like, params)
       zero = jnp.zeros((), jnp.float32)
       (grads, loss, ce_sum, rest), (aux_losses, aux_metrics) = jax.lax.scan(
-          body, (zeros, zero, zero, rest), micro)
+        body, (zeros, zero, zero, rest), micro
+      )
       aux_losses = jax.tree.map(jnp.mean, aux_losses)
       aux_metrics = jax.tree.map(jnp.mean, aux_metrics)
 
@@ -240,52 +265,68 @@ def setup(run, config, mesh: Mesh, *, donate: bool = True) -> Setup:
     step = state["step"]
     streak = jnp.where(finite, 0, state["nonfinite_streak"] + 1).astype(jnp.int32)
     new_state = {
-        "params": keep(new_params, params),
-        "opt_state": keep(new_opt_state, state["opt_state"]),
-        "step": step + 1,
-        "rng": state["rng"],
-        "nonfinite_streak": streak,
-        "nonfinite_total": state["nonfinite_total"] + (~finite).astype(jnp.int32),
+      "params": keep(new_params, params),
+      "opt_state": keep(new_opt_state, state["opt_state"]),
+      "step": step + 1,
+      "rng": state["rng"],
+      "nonfinite_streak": streak,
+      "nonfinite_total": state["nonfinite_total"] + (~finite).astype(jnp.int32),
     }
     if has_rest:
       new_state["model_state"] = keep(rest, state["model_state"])
     metrics = {
-        "loss": loss,
-        "lm_loss": ce_sum / total_count,
-        "grad_norm": grad_norm,
-        "learning_rate": schedule(step),
-        "finite": finite.astype(jnp.float32),
-        "nonfinite_streak": streak,
-        "nonfinite_total": new_state["nonfinite_total"],
-        "loss_tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32)),
+      "loss": loss,
+      "lm_loss": ce_sum / total_count,
+      "grad_norm": grad_norm,
+      "learning_rate": schedule(step),
+      "finite": finite.astype(jnp.float32),
+      "nonfinite_streak": streak,
+      "nonfinite_total": new_state["nonfinite_total"],
+      "loss_tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32)),
     }
     metrics.update({f"aux_loss/{k}": jnp.asarray(v, jnp.float32) for k, v in aux_losses.items()})
     metrics.update({f"aux/{k}": jnp.asarray(v, jnp.float32) for k, v in aux_metrics.items()})
     return new_state, metrics
 
-  jitted_step = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
-                        out_shardings=(state_shardings, repl),
-                        donate_argnums=(0,) if donate else ())
+  jitted_step = jax.jit(
+    train_step,
+    in_shardings=(state_shardings, batch_shardings),
+    out_shardings=(state_shardings, repl),
+    donate_argnums=(0,) if donate else (),
+  )
 
   def eval_fn(params, rest, batch):
     ce_sum, count, aux_losses, _, _ = forward(params, rest, batch)
     return {"ce_sum": ce_sum, "count": count}
 
-  jitted_eval = jax.jit(eval_fn, in_shardings=(
-      params_shardings, rest_shardings if has_rest else repl, batch_shardings),
-      out_shardings=repl)
+  jitted_eval = jax.jit(
+    eval_fn,
+    in_shardings=(params_shardings, rest_shardings if has_rest else repl, batch_shardings),
+    out_shardings=repl,
+  )
 
   def eval_step(state, batch):
     return jitted_eval(state["params"], state.get("model_state", {}), batch)
 
   params_finite = jax.jit(
-      lambda p: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])),
-      in_shardings=(state_shardings,), out_shardings=repl)
+    lambda p: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])),
+    in_shardings=(state_shardings,),
+    out_shardings=repl,
+  )
 
-  return Setup(mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule,
-               abstract_state=abstract_state, state_shardings=state_shardings,
-               batch_shardings=batch_shardings, init=init, train_step=jitted_step,
-               eval_step=eval_step, params_finite=params_finite)
+  return Setup(
+    mesh=mesh,
+    graphdef=graphdef,
+    tx=tx,
+    schedule=schedule,
+    abstract_state=abstract_state,
+    state_shardings=state_shardings,
+    batch_shardings=batch_shardings,
+    init=init,
+    train_step=jitted_step,
+    eval_step=eval_step,
+    params_finite=params_finite,
+  )
 
 
 def state_is_finite(setup_: Setup, state) -> bool:
@@ -296,6 +337,7 @@ def state_is_finite(setup_: Setup, state) -> bool:
 def device_batch(local_batch: dict[str, np.ndarray], setup_: Setup) -> dict[str, jax.Array]:
   """Global jax arrays from this process's rows, sharded over (data, fsdp)."""
   from train import data as data_lib
+
   local = {k: np.asarray(local_batch[k], BATCH_DTYPES[k]) for k in BATCH_FIELDS}
   return data_lib.global_batch(local, setup_.batch_shardings["tokens"])
 
