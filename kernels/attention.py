@@ -38,9 +38,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from kernels.decode_attention import pallas_decode_attention, xla_decode_attention
 from kernels import flash_common, flash_gpu, flash_tpu, xla_few_queries
 from kernels.block_sizes import BlockSizes, default_block_sizes, fit
+from kernels.decode_attention import pallas_decode_attention, xla_decode_attention
 
 Impl = Literal["auto", "xla", "pallas", "cudnn"]
 IMPLS = ("auto", "xla", "pallas", "cudnn")
@@ -123,7 +123,7 @@ def _interpret_param(platform: str, interpret: bool):
     return True
   from jax.experimental.pallas import tpu as pltpu
 
-  params = getattr(pltpu, "InterpretParams", None) or getattr(pltpu, "TPUInterpretParams")
+  params = getattr(pltpu, "InterpretParams", None) or pltpu.TPUInterpretParams
   return params()
 
 

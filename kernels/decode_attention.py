@@ -35,8 +35,8 @@ from jax.experimental.pallas import triton as plgpu
 from kernels.block_sizes import default_block_sizes, fit
 from kernels.flash_common import NEG_INF
 
-_TPUParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
-_GPUParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+_TPUParams = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
+_GPUParams = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
 
 
 def _mask(q_pos, t, length, *, causal, window):

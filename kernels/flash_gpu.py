@@ -25,10 +25,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.flash_common import NEG_INF, block_ranges, backward_delta, visible
+from kernels.flash_common import NEG_INF, backward_delta, block_ranges, visible
 
 # jax <= 0.4.3x called it TritonCompilerParams.
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
 
 
 def _dot_nt(a, b):

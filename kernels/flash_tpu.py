@@ -34,7 +34,7 @@ from jax.experimental.pallas import tpu as pltpu
 from kernels.flash_common import NEG_INF, backward_delta, block_ranges, visible
 
 # jax <= 0.4.3x called it TPUCompilerParams.
-_CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+_CompilerParams = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
 _PARALLEL, _ARBITRARY = "parallel", "arbitrary"
 
 

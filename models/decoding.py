@@ -214,7 +214,8 @@ class _Unstacked:
     )
     self.num_layers = num_layers
     self.leaves = [
-      [x[i] for i in range(num_layers)] if s else x for (_, x), s in zip(leaves, self.stacked)
+      [x[i] for i in range(num_layers)] if s else x
+      for (_, x), s in zip(leaves, self.stacked, strict=True)
     ]
 
   @staticmethod
@@ -225,7 +226,7 @@ class _Unstacked:
 
   def restack(self, leaves):
     return jax.tree_util.tree_unflatten(
-      self.treedef, [jnp.stack(x) if s else x for x, s in zip(leaves, self.stacked)]
+      self.treedef, [jnp.stack(x) if s else x for x, s in zip(leaves, self.stacked, strict=True)]
     )
 
 

@@ -469,12 +469,13 @@ def oracle_search(
   loss = float(losses_fn(state, batch, jnp.asarray(routing)[None])[0])
 
   rounds = accepted = 0
-  for rounds in range(1, max_rounds + 1):
+  for round_index in range(1, max_rounds + 1):
+    rounds = round_index  # reported: how many rounds ran
     _, grad = scores_fn(state, batch, jnp.asarray(routing))
     g = np.asarray(grad, np.float64)  # [L, B, S, 3]
     g_cur = np.take_along_axis(g, routing[..., None], -1)[..., 0]
 
-    def propose(lam):
+    def propose(lam, g=g):
       return np.argmin(g + lam * costs, -1).astype(np.int32)
 
     lo, hi = 0.0, 1.0

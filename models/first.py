@@ -85,7 +85,7 @@ def ROUTER_PARAMS(path, value) -> bool:  # noqa: N802 (an nnx filter, used like 
   return isinstance(value, nnx.Param) and path[0] in ("skip_router_w", "skip_router_b")
 
 
-def load_dense(model: "FiRSTTransformer", dense_state: nnx.State) -> None:
+def load_dense(model: FiRSTTransformer, dense_state: nnx.State) -> None:
   """Copies a pretrained dense transformer's parameters into `model` (routers untouched)."""
   nnx.update(model, dense_state)
 

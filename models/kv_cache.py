@@ -30,7 +30,7 @@ class KVCache:
   @classmethod
   def zeros(
     cls, *, num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int, dtype
-  ) -> "KVCache":
+  ) -> KVCache:
     shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 

@@ -327,7 +327,9 @@ class MoDTransformer(transformer.Transformer):
           )
           stats.update(layer_stats)
           if group_cache is not None:
-            group_cache = tuple(a.at[q].set(u) for a, u in zip(group_cache, layer_cache))
+            group_cache = tuple(
+              a.at[q].set(u) for a, u in zip(group_cache, layer_cache, strict=True)
+            )
         return (x_BSD, group_cache), stats
 
       return body

@@ -12,7 +12,8 @@ unmapped dimensions are replicated. `models.hf` (loading onto a mesh) and
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from jax.sharding import Mesh, PartitionSpec
 

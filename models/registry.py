@@ -9,7 +9,8 @@ Adaptive variants register their (Config class, Module class) pair in MODELS.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from flax import nnx
 

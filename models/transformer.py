@@ -23,8 +23,15 @@ from flax import nnx
 from kernels.attention import IMPLS as ATTENTION_IMPLS
 from kernels.attention import attention
 from models import kv_cache as kv_cache_lib
-from models.layers import MLP, DenseGeneral, RMSNorm, apply_rope, param
-from models.layers import prefix_logical_axes, rope_inverse_frequencies
+from models.layers import (
+  MLP,
+  DenseGeneral,
+  RMSNorm,
+  apply_rope,
+  param,
+  prefix_logical_axes,
+  rope_inverse_frequencies,
+)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
@@ -146,7 +153,7 @@ class Config:
   def weight_dtype(self):
     return DTYPES[self.param_dtype]
 
-  def replace(self, **changes) -> "Config":
+  def replace(self, **changes) -> Config:
     return dataclasses.replace(self, **changes)
 
 
@@ -350,7 +357,8 @@ def run_stacked(config: Config, body, x_BSD, cache, xs, *, layers_per_step: int 
     (x, layer_kv), ys_l = body((x, layer_kv), xs_l)
     if layer_kv is not None:
       leaves = tuple(
-        jax.lax.dynamic_update_index_in_dim(a, u, index, 0) for a, u in zip(leaves, layer_kv)
+        jax.lax.dynamic_update_index_in_dim(a, u, index, 0)
+        for a, u in zip(leaves, layer_kv, strict=True)
       )
     return (x, leaves), ys_l
 
@@ -380,7 +388,7 @@ def run_stacked(config: Config, body, x_BSD, cache, xs, *, layers_per_step: int 
       ys_list.append(ys_l)
     ys = jax.tree.map(lambda *a: jnp.stack(a), *ys_list)
     if leaves is not None:
-      leaves = tuple(jnp.concatenate(parts) for parts in zip(*new_leaves))
+      leaves = tuple(jnp.concatenate(parts) for parts in zip(*new_leaves, strict=True))
   if leaves is None:
     return x_BSD, None, ys
   return x_BSD, jax.tree.unflatten(treedef, [to_layers(a) for a in leaves]), ys

@@ -20,5 +20,5 @@ def assert_remat_honoured(make_model, tokens_BS):
     # Each block call is a jax.checkpoint (remat) only when asked.
     assert ("remat" in jaxpr) == (remat != "none")
     results.append(jax.jit(jax.value_and_grad(loss))(state))
-  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)

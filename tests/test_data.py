@@ -77,7 +77,7 @@ def take(it, n):
 
 def assert_batches_equal(a, b):
   assert len(a) == len(b)
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=True):
     assert x.keys() == y.keys()
     for k in x:
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
@@ -180,7 +180,9 @@ def test_same_seed_same_batches_different_seed_differs():
     return out
 
   assert_batches_equal(first(0), first(0))
-  assert any(not np.array_equal(a["tokens"], b["tokens"]) for a, b in zip(first(0), first(1)))
+  assert any(
+    not np.array_equal(a["tokens"], b["tokens"]) for a, b in zip(first(0), first(1), strict=True)
+  )
   # The eval split is not shuffled: the seed does not change it.
   assert_batches_equal(first(0, "eval"), first(1, "eval"))
 

@@ -294,7 +294,7 @@ def test_phase_capacities_grow_to_exactly_the_full_cache():
   for s, n in [(1, 1), (3, 200), (64, 64), (100, 1000)]:
     capacities = decoding.phase_capacities(s, n, 1.5, quantum=8)
     assert capacities[0] >= min(s + 1, s + n - 1) and capacities[-1] == s + n - 1
-    assert all(a < b for a, b in zip(capacities, capacities[1:]))
+    assert all(a < b for a, b in zip(capacities, capacities[1:], strict=False))
 
 
 def test_growing_cache_in_phases_gives_the_same_generation(model, prompts):

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from remat_check import assert_remat_honoured
 
 from models import decoding, duo, registry, transformer
-from remat_check import assert_remat_honoured
 
 TINY = dict(
   vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64
@@ -124,7 +124,7 @@ def test_router_gradient_matches_straight_through_reference(capacity, slots, pro
   loss = lambda logits: jnp.mean(jax.nn.logsumexp(logits, -1))  # noqa
   got = jax.grad(lambda st: loss(nnx.merge(graphdef, st)(tokens)[0]))(state)
   want = jax.grad(lambda st: loss(_replay(nnx.merge(graphdef, st), tokens, slots, probe)[0]))(state)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5)
   assert np.abs(np.asarray(got["ffn_router"][...])).max() > 0
   if probe:  # The probes give the router gradient, and never change the forward.
@@ -171,7 +171,7 @@ def test_capacity_dispatch_gradients_equal_the_masked_dense_model():
   for kw in (dict(routing_LBS=routing), dict(routing_weights_LBSO=one_hot)):
     graphdef, state = nnx.split(narrow)
 
-    def loss(st, kw=kw):
+    def loss(st, kw=kw, graphdef=graphdef):
       logits, aux = nnx.merge(graphdef, st)(tokens, segment_ids_BS=segs, **kw)
       return jnp.mean(jax.nn.logsumexp(logits, -1) * jnp.arange(s)), aux["routing_LBS"]
 
@@ -180,7 +180,7 @@ def test_capacity_dispatch_gradients_equal_the_masked_dense_model():
   (want, _), want_grads = results[1]
   np.testing.assert_array_equal(got_routing, executed)
   np.testing.assert_allclose(got, want, rtol=1e-5)
-  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
     np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5)
 
 
@@ -282,6 +282,6 @@ def test_scan_layers_equals_unrolled_and_remat_recomputes_same_grads():
       return jnp.mean(logits**2) + sum(aux["losses"].values()), aux["routing_LBS"]
 
     results.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(state))
-  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
   assert_remat_honoured(lambda remat: _model(remat=remat), tokens)

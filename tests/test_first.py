@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from remat_check import assert_remat_honoured
 
 from models import first, registry, transformer
-from remat_check import assert_remat_honoured
 
 TINY = dict(
   vocab_size=64, dim=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64
@@ -136,7 +136,7 @@ def test_scan_layers_equals_unrolled_in_training_and_decoding():
 
     decoded, cache = _decode_all(model, tokens, prompt, jnp.asarray([prompt, 3]))
     results.append((jax.jit(jax.value_and_grad(loss))(state), decoded, cache))
-  for a, b_ in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+  for a, b_ in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=1e-6, rtol=1e-5)
   execute = np.asarray(results[1][2].execute_BL)
   assert execute[:, 0].all() and not execute[:, 3].any()  # Both branches of the layer cond ran.

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernels.attention import attention, pallas_attention
 from kernels.block_sizes import BlockSizes
@@ -66,7 +67,7 @@ def _loss(fn, w_out, w_lse):
   return loss
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel_fn(platform, causal, window, scale, blocks):
   """Jitted (out, lse), (dq, dk, dv) of the Pallas kernels in interpret mode."""
 
@@ -89,7 +90,7 @@ def kernel_fn(platform, causal, window, scale, blocks):
   return jax.jit(run)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_fn(causal, window, scale):
   def run(q, k, v, ids, w_out, w_lse):
     q_pos, kv_pos, q_seg, kv_seg = ids
@@ -124,7 +125,7 @@ def check_against_reference(
   close = functools.partial(np.testing.assert_allclose, rtol=tol, atol=tol)
   close(np.asarray(out, np.float32), ref_out, err_msg="out")
   close(lse, ref_lse, err_msg="lse")  # -inf on fully masked rows in both
-  for name, g, ref_g in zip(("dq", "dk", "dv"), grads, ref_grads):
+  for name, g, ref_g in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
     close(np.asarray(g, np.float32), ref_g, err_msg=name)
   # Fully masked rows: exactly zero output and zero dq, and lse = -inf.
   mask = reference_mask(*ids, causal=causal, sliding_window=window)

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernels.attention import attention
 from kernels.reference import reference_attention, reference_mask
@@ -125,7 +126,7 @@ def test_xla_impl_matches_reference_with_blind_rows(k, causal, window, seed):
     q, kk, v, pos, seg, kv_seg, causal=causal, window=window
   )
   np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
-  for g, r in zip(grads, ref_grads):
+  for g, r in zip(grads, ref_grads, strict=True):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
   blind = np.asarray(seg == 2)
   assert np.all(np.asarray(out)[blind] == 0) and np.all(np.asarray(grads[0])[blind] == 0)

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from remat_check import assert_remat_honoured
 
 from kernels.attention import attention
 from models import mod, registry, transformer
-from remat_check import assert_remat_honoured
 
 # Two layers (dense, routed) keep compile times small; num_layers=4 cases check interleaving.
 TINY = dict(
@@ -49,7 +49,7 @@ def oracle_forward(model, tokens_BS, segment_ids_BS, capacity):
   graphdef, state = nnx.split(model.layers)
   routed = list(range(c.routed_offset, c.num_layers, c.routed_every))
   for i in range(c.num_layers):
-    blk = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+    blk = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
     if i not in routed:
       x, _ = blk(x, positions_BS, segment_ids_BS)
       continue
@@ -98,7 +98,7 @@ def _jit(model, fn):
 def _assert_trees_close(a, b, tol):
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(la) == len(lb)
-  for x, y in zip(la, lb):
+  for x, y in zip(la, lb, strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol, rtol=tol)
 
 

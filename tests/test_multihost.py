@@ -86,7 +86,9 @@ def test_two_processes_match_one_process(tmp_path):
     for p in procs + [single]:
       if p.poll() is None:
         p.kill()
-  for name, p, out in zip(("process 0", "process 1", "single"), procs + [single], outputs):
+  for name, p, out in zip(
+    ("process 0", "process 1", "single"), procs + [single], outputs, strict=True
+  ):
     lines = [l for l in out.splitlines() if not l.startswith(("I1", "W1", "[Gloo]"))]
     assert p.returncode == 0, f"{name} exited {p.returncode}:\n" + "\n".join(lines[-60:])
   assert "2 process(es)" in outputs[0]

@@ -61,7 +61,7 @@ def test_first_come_slots_and_dispatch_match_numpy(b, s, data):
   x = rng.normal(size=(b, s, 3)).astype(np.float32)
   w = rng.normal(size=(b, s)).astype(np.float32)
   got = routing.first_come_slots(jnp.asarray(wants), slots)
-  fn = lambda x_BCD: jnp.tanh(x_BCD) * 2.0  # noqa: a per-token function
+  fn = lambda x_BCD: jnp.tanh(x_BCD) * 2.0  # a per-token function
   out = np.asarray(routing.dispatch_combine(fn, jnp.asarray(x), got, jnp.asarray(w)))
   for row in range(b):
     first = np.flatnonzero(wants[row])[:slots]

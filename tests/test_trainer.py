@@ -177,7 +177,7 @@ def test_bfloat16_compute_keeps_float32_state():
   _, setup = make_setup(tiny_config(**{"model.dtype": "bfloat16"}))
   state = setup.init()
   losses = []
-  for i in range(3):
+  for _ in range(3):
     state, m = setup.train_step(state, trainer.device_batch(random_batch(0), setup))
     losses.append(float(m["loss"]))
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]

@@ -36,5 +36,5 @@ def test_few_query_path_matches_reference_with_gqa_window_and_blind_rows(s, h, k
   cotangent = jax.random.normal(jax.random.key(1), q.shape)
   grads = jax.grad(lambda *a: jnp.sum(ours(*a) * cotangent), argnums=(0, 1, 2))(q, kk, v)
   grads_ref = jax.grad(lambda *a: jnp.sum(expected(*a) * cotangent), argnums=(0, 1, 2))(q, kk, v)
-  for g, g_ref in zip(grads, grads_ref):
+  for g, g_ref in zip(grads, grads_ref, strict=True):
     np.testing.assert_allclose(g, g_ref, atol=1e-5, rtol=1e-5)

@@ -45,7 +45,7 @@ def gather_json(obj: Any) -> list[Any]:
   everything = multihost_utils.process_allgather(padded)
   return [
     json.loads(bytes(row[: int(n)]).decode())
-    for row, n in zip(everything, np.asarray(lengths).reshape(-1))
+    for row, n in zip(everything, np.asarray(lengths).reshape(-1), strict=True)
   ]
 
 

@@ -150,7 +150,7 @@ def read_jsonl_documents(pattern: str, text_field: str) -> list[str]:
         try:
           record = json.loads(line)
         except json.JSONDecodeError as e:
-          raise ValueError(f"data.source='jsonl:{pattern}': {path}:{line_number}: {e}")
+          raise ValueError(f"data.source='jsonl:{pattern}': {path}:{line_number}: {e}") from e
         if not isinstance(record, dict) or text_field not in record:
           raise ValueError(
             f"data.text_field={text_field!r}: {path}:{line_number} has no field {text_field!r}"
@@ -170,7 +170,7 @@ def hold_out(docs: list[str], eval_examples: int, corpus_seed: int, split: str) 
   is_eval = np.zeros(len(docs), dtype=bool)
   is_eval[rng.permutation(len(docs))[:eval_examples]] = True
   chosen = is_eval if split == "eval" else ~is_eval
-  return [d for d, keep in zip(docs, chosen) if keep]
+  return [d for d, keep in zip(docs, chosen, strict=True) if keep]
 
 
 def split_documents(data, split: str):

@@ -18,16 +18,15 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
 from train import checkpoint as checkpoint_lib
-from train import config_lib
+from train import config_lib, sharding, trainer
 from train import metrics as metrics_lib
-from train import sharding
-from train import trainer
 
 
 class NonFiniteError(RuntimeError):

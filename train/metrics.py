@@ -17,7 +17,8 @@ import json
 import math
 import os
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from adaptive import flops as flops_lib
 
