@@ -101,6 +101,36 @@ def test_override_of_an_unknown_field_is_an_error(override):
     parse([override])
 
 
+@pytest.mark.parametrize(
+  "override,message",
+  [
+    ("--config.data.name=x", "data.name: no such field; data has fields ["),
+    ("--config.total_step=3", "did you mean total_steps?"),
+    ("--config.model.dmi=64", "did you mean model.dim?"),
+    ("--config.seed.x=1", "seed.x: no such field; seed is a value"),
+  ],
+)
+def test_unknown_override_names_its_dotted_path_and_the_section_fields(override, message):
+  with pytest.raises(ValueError) as error:
+    config_lib.check_override_paths(config_lib.load_config_file(CONFIG_FILE), [override])
+  assert message in str(error.value)
+  if override.startswith("--config.data.name"):
+    assert "'source'" in str(error.value) and "'tokenizer'" in str(error.value)
+
+
+def test_existing_overrides_pass_the_path_check():
+  config = config_lib.load_config_file(CONFIG_FILE)
+  config_lib.check_override_paths(config, ["--config.model.num_layers=2", "--config.mesh.fsdp=2"])
+
+
+def test_mesh_axis_that_cannot_fit_the_devices_names_the_axis_and_the_device_count():
+  config = lm_dense.get_config()  # mesh.data=-1 takes the rest
+  config.mesh.tensor = 5
+  with pytest.raises(ValueError) as error:
+    config_lib.validate(config, num_devices=1)
+  assert "mesh.tensor=5" in str(error.value) and "1 device is available" in str(error.value)
+
+
 def test_override_with_a_wrong_type_is_an_error():
   with pytest.raises(flags.Error, match="total_steps"):
     parse(["--config.total_steps=many"])

@@ -13,8 +13,11 @@ ml_collections before this module runs.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib.util
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from models import registry
 from train import sharding
@@ -213,3 +216,38 @@ def tokenizer_vocab_size(data_config: Mapping[str, Any]) -> int | None:
   from train import tokenizer as tokenizer_lib
 
   return tokenizer_lib.load_tokenizer(spec).vocab_size
+
+
+def load_config_file(spec: str):
+  """get_config() of a config file given as PATH or PATH:ARG (the --config flag's value)."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_adaptive_config", path)
+  if module_spec is None or module_spec.loader is None:
+    raise ValueError(f"--config={spec!r}: not a Python config file")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def check_override_paths(config, argv: Sequence[str]) -> None:
+  """Every `--config.A.B=V` in argv names an existing field of `config`.
+
+  Raises ValueError naming the full dotted path, the fields its section has and
+  the closest one, before ml_collections reports only the last key.
+  """
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config.") :].split("=", 1)[0]
+    section, walked = config, []
+    for key in path.split("."):
+      fields = list(section.keys()) if hasattr(section, "keys") else []
+      if key not in fields:
+        where = ".".join(walked) or "the config"
+        dotted = ".".join([*walked, key])
+        if not fields:
+          raise ValueError(f"{dotted}: no such field; {where} is a value, not a section")
+        close = difflib.get_close_matches(key, fields, n=1)
+        hint = f"; did you mean {'.'.join([*walked, close[0]])}?" if close else ""
+        raise ValueError(f"{dotted}: no such field; {where} has fields {sorted(fields)}{hint}")
+      section, walked = section[key], [*walked, key]

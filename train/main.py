@@ -181,6 +181,7 @@ def _initial_state(config, setup, run, mesh, ckpt, train_iter, writer):
   abstract_params = setup.abstract_state["params"]
   if checkpoint_lib.is_hf_directory(config.init_from):
     from flax import nnx
+
     from models import hf
 
     rules = tuple(tuple(r) for r in config.logical_axis_rules)
@@ -397,13 +398,13 @@ if __name__ == "__main__":
   from absl import app
 
   _define_flags()
-  try:
-    app.run(main)
-  except (KeyError, AttributeError) as e:  # raised by config_flags for an unknown field
-    if not any(a.startswith("--config.") for a in sys.argv):
-      raise
-    print(
-      f"error: a --config.FIELD override names a field the config does not have: {e}",
-      file=sys.stderr,
-    )
-    sys.exit(2)
+  config_spec = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), None)
+  if config_spec is None and "--config" in sys.argv[:-1]:
+    config_spec = sys.argv[sys.argv.index("--config") + 1]
+  if config_spec is not None:
+    try:  # an unknown override gets its full dotted path before absl reports a bare key
+      config_lib.check_override_paths(config_lib.load_config_file(config_spec), sys.argv[1:])
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(2)
+  app.run(main)

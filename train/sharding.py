@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -53,9 +54,11 @@ def resolve_mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict
   fixed = math.prod(size for size in sizes.values() if size != -1)
   if rest:
     if num_devices % fixed:
+      set_axes = ", ".join(f"mesh.{a}={s}" for a, s in sizes.items() if s not in (1, -1))
       raise ValueError(
-        f"mesh.{rest[0]}=-1: the other axes ({fixed} devices) do not divide "
-        f"the {num_devices} devices"
+        f"{set_axes}: needs a multiple of {fixed} devices, but {num_devices} "
+        f"device{'s are' if num_devices != 1 else ' is'} available "
+        f"(mesh.{rest[0]}=-1 takes the rest); choose sizes whose product divides {num_devices}"
       )
     sizes[rest[0]] = num_devices // fixed
   elif fixed != num_devices:
