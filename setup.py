@@ -32,7 +32,13 @@ setup(
     "numpy>=1.26",
   ],
   extras_require={
-    "test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100"],
+    "test": [
+      "pytest>=8",
+      "pytest-xdist>=3.6",
+      "hypothesis>=6.100",
+      # ruff is pinned: formatting may change between releases, and CI checks it.
+      "ruff==0.17.6",
+    ],
     # torch is pinned to the CPU build: an unpinned torch pulls GBs of CUDA wheels.
     "hf": ["torch==2.13.0", "transformers>=4.56,<6"],
   },
