@@ -14,6 +14,8 @@ Chunk 1 may generate C tokens, later chunks C − m; a trace ends on EOS or afte
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -247,7 +249,7 @@ def test_metrics_before_any_step_and_read_only_arrays():
   assert isinstance(obs, Observation)
   assert env.num_chunks.tolist() == [0] and env.trace_lengths.tolist() == [0]
   assert env.longest_contexts.tolist() == [0] and env.visible_windows[0].tolist() == []
-  assert env.ended_on_eos.tolist() == [False] and env.traces == [[]]
+  assert env.ended_on_eos.tolist() == [False] and env.traces == [()]
   env.step([[2, 3]])
   chunk = env.traces[0][0]
   assert isinstance(chunk, Chunk)
@@ -340,7 +342,7 @@ def test_bad_step_input_is_named_and_changes_nothing(outputs, logprobs, name):
   before = env.reset([[5], [6]])
   with pytest.raises(ValueError, match=name):
     env.step(outputs, logprobs)
-  assert env.traces == [[], []]
+  assert env.traces == [(), ()]
   after = env.observation
   assert [p.tolist() for p in after.prompts] == [p.tolist() for p in before.prompts]
   assert after.max_new_tokens.tolist() == before.max_new_tokens.tolist()
@@ -400,3 +402,13 @@ def test_random_runs_match_the_algorithm_and_stay_bounded(run):
     for chunk in later:
       assert len(chunk.prompt) <= len(query) + carry_cap
       assert len(chunk.prompt) + len(chunk.output) <= len(query) + carry_cap + C - m
+
+
+def test_environments_import_no_model_code():
+  """`adaptive.envs` is plain Python/NumPy: it imports neither JAX nor `models` nor `train`."""
+  code = (
+    "import sys, adaptive.envs; "
+    "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'flax', 'models', 'train'}))"
+  )
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert result.stdout.strip() == "[]"

@@ -61,7 +61,7 @@ class ChunkedEnv(abc.ABC):
   """A batch of chunked traces; subclasses define budgets, the chunk cap and the carry.
 
   After `reset`, these describe the traces so far (rows with no chunk yet count zeros):
-    traces[i]: row i's chunks in order (`Chunk`).
+    traces[i]: row i's chunks in order, a tuple of `Chunk`.
     ended_on_eos: bool [B], the row's last chunk ended with an EOS id.
     num_chunks: int32 [B], chunks generated.
     trace_lengths: int32 [B], tokens generated over all chunks (the thinking length, and the
@@ -92,7 +92,7 @@ class ChunkedEnv(abc.ABC):
     """How many tokens chunk `chunk_index` (0 = the first) may generate."""
 
   @abc.abstractmethod
-  def _next_carry(self, query: np.ndarray, trace: list[Chunk]) -> np.ndarray:
+  def _next_carry(self, query: np.ndarray, trace: tuple[Chunk, ...]) -> np.ndarray:
     """int32 [K]: the tokens after the query in the next prompt of a trace that goes on."""
 
   # -- the episode -----------------------------------------------------------------------------
@@ -117,7 +117,7 @@ class ChunkedEnv(abc.ABC):
       checked.append(tokens)
     batch_size = len(checked)
     self._queries = checked
-    self._traces: list[list[Chunk]] = [[] for _ in range(batch_size)]
+    self._traces: list[tuple[Chunk, ...]] = [()] * batch_size
     self._prompts = list(checked)
     self._max_new_tokens = np.full(batch_size, self._budget(0), np.int32)
     self._done = np.zeros(batch_size, bool)
@@ -165,8 +165,8 @@ class ChunkedEnv(abc.ABC):
     return self.observation
 
   def _record(self, row: int, output: np.ndarray, logprobs: np.ndarray | None) -> None:
-    trace = self._traces[row]
-    trace.append(Chunk(prompt=self._prompts[row], output=output, logprobs=logprobs))
+    chunk = Chunk(prompt=self._prompts[row], output=output, logprobs=logprobs)
+    trace = self._traces[row] = (*self._traces[row], chunk)
     ended_on_eos = len(output) > 0 and bool(np.isin(output[-1], self.eos_ids))
     self._ended_on_eos[row] = ended_on_eos
     if ended_on_eos or len(trace) >= self.max_chunks:
@@ -209,10 +209,10 @@ class ChunkedEnv(abc.ABC):
     return list(self._queries)
 
   @property
-  def traces(self) -> list[list[Chunk]]:
-    """traces[i]: row i's chunks in order."""
+  def traces(self) -> list[tuple[Chunk, ...]]:
+    """traces[i]: row i's chunks in order (a tuple; chunks and their arrays are read-only)."""
     self._require_reset()
-    return [list(trace) for trace in self._traces]
+    return list(self._traces)
 
   @property
   def done(self) -> np.ndarray:

@@ -90,7 +90,7 @@ class DelethinkEnv(ChunkedEnv):
   def _budget(self, chunk_index: int) -> int:
     return self.chunk_size if chunk_index == 0 else self.chunk_size - self.carryover
 
-  def _next_carry(self, query: np.ndarray, trace: list[Chunk]) -> np.ndarray:
+  def _next_carry(self, query: np.ndarray, trace: tuple[Chunk, ...]) -> np.ndarray:
     head, m = self.keep_head, self.carryover
     last_output = trace[-1].output
     if self.mode == "inference":

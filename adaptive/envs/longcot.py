@@ -43,5 +43,5 @@ class LongCoTEnv(ChunkedEnv):
   def _budget(self, chunk_index: int) -> int:
     return self.budget
 
-  def _next_carry(self, query: np.ndarray, trace: list[Chunk]) -> np.ndarray:
+  def _next_carry(self, query: np.ndarray, trace: tuple[Chunk, ...]) -> np.ndarray:
     raise AssertionError("a LongCoT trace has one chunk; there is no next prompt")
