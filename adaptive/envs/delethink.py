@@ -1,8 +1,8 @@
 """Delethink (The Markovian Thinker, Aghajohari et al. 2025): reasoning in chunks of bounded context.
 
 A trace is a sequence of chunks. Chunk 1 sees the query and may generate up to C = `chunk_size`
-tokens; every later chunk sees the query ⊕ a carry of at most about m = `carryover` tokens and may
-generate up to C − m. A chunk ends only on EOS (which also ends the trace) or at its budget; after
+tokens; every later chunk sees the query ⊕ a carry of at most m = `carryover` tokens (train mode)
+or h + m (inference mode) and may generate up to C − m. A chunk ends only on EOS (which also ends the trace) or at its budget; after
 `max_chunks` = I chunks the trace stops. The context, KV cache and per-token cost stay bounded while
 the thinking length grows to at most C + (I − 1)(C − m) tokens.
 
@@ -18,7 +18,8 @@ chunk just finished):
 In both modes a token of the trace appears at most once in a prompt: in inference mode the tail
 taken from chunk 1 starts no earlier than token h (it never repeats the head), and in train mode a
 carry that is no longer than m is kept whole. Both cases arise only when a chunk stops short of its
-budget without EOS; the reference never sees them (its chunks end on EOS or at the budget).
+budget without EOS, or (inference) when h + m > C; the reference never meets them with its settings
+(chunks end on EOS or at the budget, m = C/2, h = 100), and its trimmer raises on a short carry.
 
 keep_head = 0 folds nothing into the query. In inference mode the carry is then y_last[-m:]; in
 train mode it is the last m tokens of a = previous carry ⊕ y_last, so when C − m < m or a chunk
