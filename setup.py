@@ -14,7 +14,16 @@ setup(
   description="Adaptive-compute transformers in JAX/Flax: routing, early exit, "
   "Markovian reasoning, Pallas kernels, sharded training.",
   python_requires=">=3.11",
-  packages=["adaptive", "adaptive.envs", "models", "kernels", "train", "configs", "benchmarks"],
+  packages=[
+    "adaptive",
+    "adaptive.envs",
+    "adaptive.tasks",
+    "models",
+    "kernels",
+    "train",
+    "configs",
+    "benchmarks",
+  ],
   install_requires=[
     # JAX 0.10.x runs on Python 3.11, 0.11.x on 3.12; both are supported.
     "jax>=0.10,<0.12",
@@ -26,6 +35,9 @@ setup(
     "ml-collections>=1.0",
     "reasoning-gym>=0.1.23",
     "math-verify>=0.8",
+    # chat templates are rendered by jinja2 itself (no transformers at run time); 3.1.6 closes
+    # sandbox escapes, and Hub templates are untrusted code.
+    "jinja2>=3.1.6",
     "tensorboardX>=2.6",
     "tokenizers>=0.21",
     "safetensors>=0.5",
