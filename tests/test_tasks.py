@@ -21,7 +21,7 @@ from adaptive.tasks import (
   make_task,
   reward_on_window,
 )
-from adaptive.tasks.long_sum import length_for_solution_chars
+from adaptive.tasks.long_trace import length_for_solution_chars
 from adaptive.tasks.math_check import math_equal
 
 # --- answer extraction -------------------------------------------------------------------------
@@ -116,11 +116,14 @@ def corrupt_answer(answer: str) -> str:
   """A different answer of the same kind that does not contain the reference."""
   if re.fullmatch(r"-?\d+", answer):
     return str(int(answer) + 1) if not answer.endswith("9") else str(int(answer) - 1)
+  if re.fullmatch(r"[A-Z]", answer):
+    return "B" if answer == "A" else "A"
   return "\\frac{7}{3}" if answer != "\\frac{7}{3}" else "1"
 
 
 SFT_TASKS = [
   ("long_sum", {"length": 20, "ops": "+-*"}),
+  ("long_fsm", {"length": 20}),
   ("rg:chain_sum", {}),
   ("rg:basic_arithmetic", {}),
   ("math", {}),
@@ -214,6 +217,7 @@ SPLIT_TASKS = [
   ("rg:gcd", {}),
   ("rg:leg_counting", {"min_animals": 1, "max_animals": 1}),  # a small problem space
   ("math", {}),
+  ("long_fsm", {"length": 4, "states": 2, "symbols": 2}),  # 2 tables x 16 input lists
 ]
 
 
@@ -279,64 +283,95 @@ def test_unknown_task_and_bad_options_name_what_is_wrong():
     make_task("long_sum").problems("test", 1, seed=0)
 
 
-# --- the long-trace task -----------------------------------------------------------------------
+# --- the long-trace family --------------------------------------------------------------------
 
 
-def replay(question: str) -> tuple[int, list[tuple[int, str, int, int]]]:
-  """Independent re-implementation: (answer, [(step, op, operand, value after)]) from the text."""
+def replay_sum(question: str) -> tuple[str, list[str], list[int]]:
+  """Independent re-implementation of long_sum from its question text: (answer, lines, states)."""
   modulus = int(re.search(r"modulo (\d+)", question).group(1))
   steps = re.findall(r"(\d+):([-+*])(\d+)", question.split("Steps:")[1])
-  value, states = 0, []
+  value, lines, states = 0, [], []
   for index, (step, op, operand) in enumerate(steps, 1):
     assert int(step) == index
-    operand = int(operand)
-    value = {"+": value + operand, "-": value - operand, "*": value * operand}[op] % modulus
-    states.append((index, op, operand, value))
-  return value, states
+    value = {"+": value + int(operand), "-": value - int(operand), "*": value * int(operand)}[op]
+    value %= modulus
+    lines.append(f"{index}:{op}{operand}={value}")
+    states.append(value)
+  return str(value), lines, states
 
 
-LONG_OPTIONS = {"length": 150, "ops": "+-*", "modulus": 10, "max_operand": 9}
-LONG_K = 18  # the longest line is "150:+9=9\n" (9 characters); K = twice that
+def replay_fsm(question: str) -> tuple[str, list[str], list[str]]:
+  """Independent re-implementation of long_fsm from its question text: (answer, lines, states)."""
+  table = dict(re.findall(r"([A-Z]\d)>([A-Z])", question.split("Inputs:")[0]))
+  inputs = re.findall(r"(\d+):(\d)", question.split("Inputs:")[1])
+  state, lines, states = "A", [], []
+  for index, (step, symbol) in enumerate(inputs, 1):
+    assert int(step) == index
+    following = table[state + symbol]
+    lines.append(f"{index}:{state}{symbol}>{following}")
+    state = following
+    states.append(state)
+  return state, lines, states
 
 
-def test_long_trace_replays_to_its_answer():
-  task = make_task("long_sum", **LONG_OPTIONS)
-  assert task.markov_window_chars() == LONG_K
+# (task, options, replay, a regex that reads (step, state) from one trace line, K). K is stated
+# here, not read from the task: twice the longest line, "150:+9=9\n" and "150:A0>B\n".
+LONG_CASES = [
+  (
+    "long_sum",
+    {"length": 150, "ops": "+-*", "modulus": 10},
+    replay_sum,
+    r"(\d+):[-+*]\d+=(\d+)",
+    18,
+  ),
+  (
+    "long_fsm",
+    {"length": 150, "states": 6, "symbols": 3},
+    replay_fsm,
+    r"(\d+):[A-Z]\d>([A-Z])",
+    18,
+  ),
+]
+
+
+@pytest.mark.parametrize("name,options,replay,line_regex,k", LONG_CASES)
+def test_long_trace_replays_to_its_answer(name, options, replay, line_regex, k):
+  task = make_task(name, **options)
+  assert task.markov_window_chars() == k
   for problem in task.problems("train", 3, seed=0) + task.problems("heldout", 3, seed=0):
-    answer, states = replay(problem.question)
-    assert len(states) == 150
-    assert problem.answer == str(answer)
-    lines = problem.solution.split("\n")
-    assert lines == [f"{i}:{op}{x}={v}" for i, op, x, v in states]
+    answer, lines, _ = replay(problem.question)
+    assert len(lines) == 150
+    assert problem.answer == answer
+    assert problem.solution.split("\n") == lines
+    assert task.score(problem, task.sft_completion(problem)) == 1.0
 
 
-def last_state_in(window: str, at_trace_start: bool) -> tuple[int, int] | None:
-  """(step, value) of the last complete line visible in `window`, parsed independently."""
+def last_state_in(window: str, at_trace_start: bool, line_regex: str) -> tuple[int, str] | None:
+  """(step, state) of the last complete line visible in `window`, parsed independently."""
   lines = ("\n" + window if at_trace_start else window).split("\n")
   complete = lines[1:-1]  # lines[0] may be cut on the left, lines[-1] is unfinished
   if not complete:
     return None
-  match = re.fullmatch(r"(\d+):[-+*]\d+=(\d+)", complete[-1])
-  return int(match.group(1)), int(match.group(2))
+  match = re.fullmatch(line_regex, complete[-1])
+  return int(match.group(1)), match.group(2)
 
 
-def test_long_trace_state_is_in_the_last_k_characters():
-  task = make_task("long_sum", **LONG_OPTIONS)
-  problem = task.problems("train", 1, seed=1)[0]
-  _, states = replay(problem.question)
+@pytest.mark.parametrize("name,options,replay,line_regex,k", LONG_CASES)
+def test_long_trace_state_is_in_the_last_k_characters(name, options, replay, line_regex, k):
+  """The Markov property: every prefix's current state is in its last K characters."""
+  problem = make_task(name, **options).problems("train", 1, seed=1)[0]
+  _, _, states = replay(problem.question)
   trace = problem.solution + "\n"  # in a completion the last line is followed by "\n</think>"
   for cut in range(len(trace) + 1):
     done = trace[:cut].count("\n")  # steps whose line is complete
-    window = trace[max(0, cut - LONG_K) : cut]
-    expected = (done, states[done - 1][3]) if done else None
-    assert last_state_in(window, at_trace_start=cut <= LONG_K) == expected, cut
-  # K is tight: one character less loses the state somewhere.
-  misses = [
-    cut
-    for cut in range(LONG_K, len(trace) + 1)
-    if last_state_in(trace[cut - LONG_K + 1 : cut], False) is None
-  ]
-  assert misses
+    window = trace[max(0, cut - k) : cut]
+    expected = (done, str(states[done - 1])) if done else None
+    assert last_state_in(window, cut <= k, line_regex) == expected, cut
+  # K is tight: with one character less some prefix shows no complete line.
+  assert any(
+    last_state_in(trace[cut - k + 1 : cut], False, line_regex) is None
+    for cut in range(k, len(trace))
+  )
 
 
 def test_long_trace_length_knob():
@@ -346,6 +381,8 @@ def test_long_trace_length_knob():
   low, high = task.solution_chars_range()
   assert low >= 4 * chunk
   assert make_task("long_sum", length=length - 1, ops="+-*").solution_chars_range()[0] < 4 * chunk
+  fsm_length = length_for_solution_chars(4 * chunk, "long_fsm", states=5)
+  assert make_task("long_fsm", length=fsm_length).solution_chars_range()[0] >= 4 * chunk
   varied = make_task("long_sum", length=60, min_length=20, modulus=97, max_operand=50)
   v_low, v_high = varied.solution_chars_range()
   sizes = [len(p.solution) for p in varied.problems("train", 40, seed=0)]
@@ -356,11 +393,18 @@ def test_long_trace_length_knob():
     assert len(p.solution.encode("utf-8")) == len(p.solution)  # ASCII: one byte token per char
 
 
-def test_long_trace_difficulty_knob_changes_the_operations():
+def test_long_trace_difficulty_knobs():
   sums = make_task("long_sum", length=50).problems("train", 5, seed=0)
   mixed = make_task("long_sum", length=50, ops="+-*").problems("train", 5, seed=0)
   assert all(op == "+" for p in sums for op, _ in p.metadata["steps"])
   assert {op for p in mixed for op, _ in p.metadata["steps"]} == {"+", "-", "*"}
+  big = make_task("long_fsm", length=200, states=12, symbols=5).problems("train", 3, seed=0)
+  assert {state for p in big for state in re.findall(r">([A-Z])", p.solution)} == set(
+    "ABCDEFGHIJKL"
+  )
+  assert {
+    int(k) for p in big for k in re.findall(r"\d+:(\d)\b", p.question.split("Inputs:")[1])
+  } == set(range(5))
 
 
 # --- the Delethink window reward ---------------------------------------------------------------

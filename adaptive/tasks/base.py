@@ -6,6 +6,7 @@ import abc
 import itertools
 import logging
 import math
+import numbers
 from collections.abc import Iterator
 
 from adaptive.tasks.answers import extract_answer, format_completion
@@ -42,8 +43,13 @@ class Task(abc.ABC):
   def iter_problems(self, split: str, seed: int) -> Iterator[Problem]:
     """The problems of `split` for `seed`, endless; `problems(split, n, seed)` is its prefix."""
     check_split(split)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+      raise ValueError(f"seed={seed!r}: expected an integer")
+    return self._filtered(split, int(seed))
+
+  def _filtered(self, split: str, seed: int) -> Iterator[Problem]:
     rejected = 0
-    for problem in self.candidates(split, int(seed)):
+    for problem in self.candidates(split, seed):
       if split_of(problem.question, self.heldout_fraction) != split:
         rejected += 1
         if rejected >= MAX_CONSECUTIVE_REJECTS:
@@ -62,7 +68,7 @@ class Task(abc.ABC):
     never share a question (see `adaptive.tasks.splits`); a split may repeat a problem when its
     problem space is small.
     """
-    if int(count) != count or count < 0:
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
       raise ValueError(f"count={count!r}: expected a non-negative integer")
     return list(itertools.islice(self.iter_problems(split, seed), int(count)))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from adaptive.tasks.base import Task
 
 TASK_NAMES = (
@@ -10,6 +12,7 @@ TASK_NAMES = (
   "math:<reasoning_gym_dataset>",
   "math_jsonl:<glob>",
   "long_sum",
+  "long_fsm",
 )
 
 
@@ -22,8 +25,10 @@ def make_task(name: str, **options) -> Task:
   math:NAME       one reasoning-gym dataset, answers checked by math-verify.
   math_jsonl:GLOB problems from JSON-lines files (options: question_field, answer_field,
                   solution_field, heldout_fraction), answers checked by math-verify.
-  long_sum        the long-trace running computation (options: length, min_length, ops,
-                  modulus, max_operand; see `adaptive.tasks.long_sum`).
+  long_sum        long-trace family: a running computation modulo M (options: length,
+                  min_length, ops, modulus, max_operand; see `adaptive.tasks.long_sum`).
+  long_fsm        long-trace family: a state machine over a long input list (options: length,
+                  min_length, states, symbols; see `adaptive.tasks.long_fsm`).
   """
   if not isinstance(name, str):
     raise ValueError(f"task name {name!r}: expected one of {TASK_NAMES}")
@@ -46,11 +51,14 @@ def make_task(name: str, **options) -> Task:
     from adaptive.tasks.math_jsonl import MathJsonlTask
 
     return MathJsonlTask(argument, **options)
-  if name == "long_sum":
+  if name in ("long_sum", "long_fsm"):
+    from adaptive.tasks.long_fsm import LongFsmTask
     from adaptive.tasks.long_sum import LongSumTask
 
-    try:
-      return LongSumTask(**options)
-    except TypeError as e:
-      raise ValueError(f"task 'long_sum': {e}") from e
+    task_cls = LongSumTask if name == "long_sum" else LongFsmTask
+    allowed = sorted(inspect.signature(task_cls).parameters)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+      raise ValueError(f"task {name!r}: unknown options {unknown}; it takes {allowed}")
+    return task_cls(**options)
   raise ValueError(f"task name {name!r}: expected one of {TASK_NAMES}")
