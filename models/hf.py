@@ -6,10 +6,12 @@
 
 A checkpoint is a directory with `config.json` and either `model.safetensors`
 or shards listed in `model.safetensors.index.json`. Neither torch nor
-transformers is needed: safetensors files are memory-mapped with numpy, and
-each parameter is assembled from the slices the devices need
-(`jax.make_array_from_callback`), so with a mesh no device, and no host buffer,
-ever holds more than its own shard of a tensor.
+transformers is needed: safetensors files are validated against their real size
+(models/safetensors_file.py) and memory-mapped with numpy, and each parameter is
+assembled from the slices the devices need (`jax.make_array_from_callback`), so
+with a mesh no device, and no host buffer, ever holds more than its own shard of
+a tensor, and a corrupt or hostile file is a ValueError naming the file and the
+tensor before anything is allocated.
 
 Layouts (HF `nn.Linear` weights are [out, in]; ours are [in..., out...]; L is
 the stacked `layers` axis, H/K query/kv heads, Hd head_dim, M mlp width):
@@ -41,11 +43,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from models import safetensors_file
 from models.partitioning import partition_spec  # noqa: F401 (re-exported: hf.partition_spec)
 from models.transformer import DTYPES, Config, Transformer
 
@@ -60,11 +62,9 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 # Buffers some checkpoints carry that are not parameters (recomputed from the config).
 _IGNORED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
+# The safetensors dtypes a parameter may be stored in (any other is an error naming the tensor).
 _SAFETENSORS_DTYPES = {
-  "F64": np.dtype("<f8"),
-  "F32": np.dtype("<f4"),
-  "F16": np.dtype("<f2"),
-  "BF16": np.dtype(ml_dtypes.bfloat16),
+  name: safetensors_file.DTYPES[name] for name in ("F64", "F32", "F16", "BF16")
 }
 _NUMPY_TO_SAFETENSORS = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
@@ -358,66 +358,75 @@ def _o_proj_bias_names(c: Config) -> list[str]:
   return [f"model.layers.{i}.self_attn.o_proj.bias" for i in range(c.num_layers)]
 
 
-# -- safetensors (memory-mapped) ----------------------------------------------------------
+# -- checkpoint directory (validated, memory-mapped safetensors) ------------------------------
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+_DIRECTORY_CONTENTS = (
+  f"a Hugging Face checkpoint directory holds {CONFIG_FILE} and either {SINGLE_FILE} or "
+  f"{INDEX_FILE} with the *.safetensors shards it lists"
+)
 
 
-class _SafetensorsFile:
-  """Header of one .safetensors file and zero-copy numpy views of its tensors."""
+def _read_json(path: str) -> Any:
+  """The JSON in `path`; ValueError naming the file when it is not UTF-8 JSON."""
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    return json.loads(raw.decode("utf-8"))
+  except (UnicodeDecodeError, ValueError, RecursionError) as e:
+    raise ValueError(f"{path}: not valid UTF-8 JSON ({e})") from None
 
-  def __init__(self, path: str):
-    self.path = path
-    with open(path, "rb") as f:
-      header_len = int.from_bytes(f.read(8), "little")
-      header = json.loads(f.read(header_len))
-    header.pop("__metadata__", None)
-    self.data_start = 8 + header_len
-    self.entries = header
-    self._mmap = None
 
-  def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self.entries[name]["shape"])
-
-  def dtype_name(self, name: str) -> str:
-    return self.entries[name]["dtype"]
-
-  def array(self, name: str) -> np.ndarray:
-    """Read-only memory-mapped view; nothing is read until it is sliced/copied."""
-    if self._mmap is None:
-      self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-    entry = self.entries[name]
-    begin, end = entry["data_offsets"]
-    raw = self._mmap[self.data_start + begin : self.data_start + end]
-    return raw.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+def _weight_map(path: str) -> dict[str, str]:
+  """{tensor name: shard file name} from the index, each shard a file in `path`."""
+  index_path = os.path.join(path, INDEX_FILE)
+  index = _read_json(index_path)
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict):
+    raise ValueError(f"{index_path}: has no weight_map object ({{tensor name: shard file}})")
+  for name, file_name in weight_map.items():
+    # A shard is a plain file next to the index; anything else could read outside `path`.
+    if not isinstance(file_name, str) or os.path.basename(file_name) != file_name:
+      raise ValueError(
+        f"{index_path}: tensor {name!r} is mapped to {file_name!r}, which is not a file name"
+      )
+    if not os.path.isfile(os.path.join(path, file_name)):
+      raise FileNotFoundError(
+        f"{index_path}: tensor {name!r} is in shard {file_name!r}, which is not in {path} "
+        "(an incomplete download?)"
+      )
+  return weight_map
 
 
 class _Checkpoint:
-  """All tensors of a checkpoint directory, by name."""
+  """All tensors of a checkpoint directory, by name, every file validated as it is opened."""
 
   def __init__(self, path: str):
-    index_path = os.path.join(path, "model.safetensors.index.json")
-    single_path = os.path.join(path, "model.safetensors")
-    if os.path.exists(index_path):
-      with open(index_path) as f:
-        weight_map = json.load(f)["weight_map"]
-      files = {
-        name: _SafetensorsFile(os.path.join(path, name))
-        for name in sorted(set(weight_map.values()))
-      }
-    elif os.path.exists(single_path):
-      files = {"model.safetensors": _SafetensorsFile(single_path)}
-      weight_map = None
+    if os.path.exists(os.path.join(path, INDEX_FILE)):
+      weight_map = _weight_map(path)
+      names = sorted(set(weight_map.values()))
+    elif os.path.exists(os.path.join(path, SINGLE_FILE)):
+      weight_map, names = None, [SINGLE_FILE]
     else:
-      raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    self.files = files
-    self.where: dict[str, _SafetensorsFile] = {}
-    for file in files.values():
+      raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}; {_DIRECTORY_CONTENTS}")
+    self.files = {
+      name: safetensors_file.SafetensorsFile(os.path.join(path, name)) for name in names
+    }
+    self.where: dict[str, safetensors_file.SafetensorsFile] = {}
+    for file in self.files.values():
       for name in file.entries:
+        if name in self.where:
+          raise ValueError(
+            f"{path}: tensor {name!r} is in both {self.where[name].path} and {file.path}"
+          )
         self.where[name] = file
     if weight_map is not None:
       for name, file_name in weight_map.items():
-        if name not in self.where:
+        if self.where.get(name) is not self.files[file_name]:
           raise ValueError(
-            f"model.safetensors.index.json lists tensor {name!r} in "
+            f"{os.path.join(path, INDEX_FILE)} lists tensor {name!r} in "
             f"{file_name}, which does not contain it"
           )
 
@@ -501,9 +510,18 @@ def _read_callback(ckpt: _Checkpoint, tmap: _TensorMap, num_layers: int, dtype):
 
 
 def load_config(path: str, dtype: str = "float32") -> tuple[Config, dict]:
-  """(our Config, the raw config.json dict) of a checkpoint directory."""
-  with open(os.path.join(path, "config.json")) as f:
-    hf = json.load(f)
+  """(our Config, the raw config.json dict) of a checkpoint directory.
+
+  FileNotFoundError names the directory and what it must hold when config.json is
+  missing; ValueError names the file when it is not a JSON object.
+  """
+  config_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    what = "no such directory" if not os.path.isdir(path) else f"no {CONFIG_FILE}"
+    raise FileNotFoundError(f"{path}: {what}; {_DIRECTORY_CONTENTS}")
+  hf = _read_json(config_path)
+  if not isinstance(hf, dict):
+    raise ValueError(f"{config_path}: a JSON {type(hf).__name__}, not an object")
   return config_from_hf(hf, dtype), hf
 
 
@@ -527,8 +545,10 @@ def load(
 
   Returns:
     (model, config). Raises ValueError naming the field or tensor when the
-    config is unsupported or the tensors do not match it, before allocating
-    any parameter.
+    config is unsupported, a file is not valid JSON / safetensors, or the
+    tensors do not match the config, and FileNotFoundError naming the directory
+    when config.json or the weights are missing; all before allocating any
+    parameter.
   """
   config, hf = load_config(path, dtype)
   ckpt = _Checkpoint(path)
