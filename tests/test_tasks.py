@@ -112,6 +112,37 @@ def test_reasoning_gym_binary_option():
   assert make_task("rg:chain_sum").score(problem, boxed(problem.answer + "1")) > 0.0
 
 
+def test_datasets_that_execute_answers_need_an_explicit_opt_in():
+  with pytest.raises(ValueError, match="allow_eval=True"):
+    make_task("rg:countdown")  # its score_answer runs the answer through sympy's parse_expr
+  task = make_task("rg:countdown", allow_eval=True)
+  problem = task.problems("train", 1, seed=0)[0]
+  assert task.score(problem, task.sft_completion(problem)) == 1.0
+  make_task("math:simple_equations")  # math tasks score with math-verify, never with the dataset
+
+
+def test_dataset_without_a_reference_answer_is_rl_only():
+  task = make_task("rg:rush_hour")  # scored by simulating the moves
+  problem = task.problems("train", 1, seed=0)[0]
+  assert problem.answer == "" and problem.metadata["entry"]["answer"] is None
+  with pytest.raises(ValueError, match="no reference answer"):
+    task.sft_completion(problem)
+  assert task.score(problem, boxed("")) == 0.0
+
+
+@pytest.mark.slow
+def test_every_reasoning_gym_dataset_scores_its_own_sft_completion():
+  from adaptive.tasks.gym import _registry
+
+  for dataset in sorted(_registry()):
+    if dataset == "composite":  # needs a list of datasets as its option
+      continue
+    task = make_task(f"rg:{dataset}", allow_eval=True)
+    for problem in task.problems("train", 3, seed=0):
+      if problem.answer:
+        assert task.score(problem, task.sft_completion(problem)) == 1.0, dataset
+
+
 def corrupt_answer(answer: str) -> str:
   """A different answer of the same kind that does not contain the reference."""
   if re.fullmatch(r"-?\d+", answer):

@@ -98,7 +98,11 @@ class Task(abc.ABC):
     """The SFT target: `<think>\\n{solution}\\n</think>\\nThe answer is \\boxed{answer}.`
 
     A problem without a solution gets an empty thinking block. `score` gives this text 1.0.
+    A problem without a reference answer (a few reasoning-gym datasets verify by simulation)
+    has no SFT target: ValueError.
     """
+    if not problem.answer:
+      raise ValueError(f"task {self.name!r}: the problem has no reference answer to train on")
     return format_completion(problem.solution, problem.answer)
 
   def __repr__(self) -> str:

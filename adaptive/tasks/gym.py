@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import itertools
+import re
 from collections.abc import Iterator
 
 from adaptive.tasks.base import Task
@@ -52,20 +54,50 @@ def check_dataset_name(name: str, task_prefix: str) -> str:
   return name
 
 
+# A score_answer that hands the model's answer to eval / exec / sympy's parse_expr or sympify
+# (itself eval-based) runs model output as Python code.
+_EVALUATES_ANSWER = re.compile(r"(?:\beval|\bexec|parse_expr|sympify)\(\s*answer\b")
+
+
+def evaluates_answer(dataset: str) -> bool:
+  """Whether reasoning-gym's `score_answer` of `dataset` executes the answer text as code."""
+  try:
+    source = inspect.getsource(_registry()[dataset][0].score_answer)
+  except (OSError, TypeError):
+    return False
+  return bool(_EVALUATES_ANSWER.search(source))
+
+
 class ReasoningGymTask(Task):
   """One reasoning-gym dataset; options are its config fields (e.g. `min_terms=2`).
 
   `binary=True` turns the dataset's score into 1.0 (a full score) or 0.0: several datasets give
-  partial credit to wrong answers (e.g. 0.8 for "-1291" against "-129").
+  partial credit to wrong answers (e.g. 0.8 for "-1291" against "-129"). `instruction` is
+  appended to every question. A few datasets score by running the answer through `eval` or
+  sympy's `parse_expr` (countdown, puzzle24, n_queens, ...), which executes model output as
+  Python; they need `allow_eval=True`, a choice to make only where that is acceptable.
   """
 
   prefix = "rg:"
+  scores_with_dataset = True
 
   def __init__(
-    self, dataset: str, *, binary: bool = False, instruction: str = BOXED_INSTRUCTION, **config
+    self,
+    dataset: str,
+    *,
+    binary: bool = False,
+    instruction: str = BOXED_INSTRUCTION,
+    allow_eval: bool = False,
+    **config,
   ):
     self.dataset = check_dataset_name(dataset, self.prefix)
     self.name = f"{self.prefix}{dataset}"
+    if self.scores_with_dataset and not allow_eval and evaluates_answer(dataset):
+      raise ValueError(
+        f"task {self.name!r}: reasoning-gym's score_answer for {dataset!r} runs the answer "
+        "through eval/parse_expr, i.e. executes model output as Python; pass allow_eval=True "
+        "to accept that"
+      )
     self.binary = bool(binary)
     self.instruction = instruction
     self.config = dict(config)
@@ -94,14 +126,16 @@ class ReasoningGymTask(Task):
       yield self._problem(dataset[index])
 
   def _problem(self, item: dict) -> Problem:
+    # The entry goes back to score_answer as the dataset made it (answer None: no single
+    # reference, e.g. rush_hour; the scorer simulates the answer instead).
     entry = {
-      "question": str(item["question"]),
-      "answer": str(item["answer"]),
+      "question": item["question"],
+      "answer": item["answer"],
       "metadata": item.get("metadata", {}),
     }
     return Problem(
-      question=entry["question"] + self.instruction,
-      answer=entry["answer"],
+      question=str(item["question"]) + self.instruction,
+      answer="" if item["answer"] is None else str(item["answer"]),
       solution=None,
       metadata={"dataset": self.dataset, "entry": entry},
     )
@@ -117,6 +151,7 @@ class MathGymTask(ReasoningGymTask):
   """A reasoning-gym dataset whose answers are math, checked with math-verify (binary)."""
 
   prefix = "math:"
+  scores_with_dataset = False
 
   def _problem(self, item: dict) -> Problem:
     problem = super()._problem(item)

@@ -12,7 +12,8 @@ class Problem:
 
   question: the whole user message (instructions on the answer format included); the caller
     renders it through a chat template and tokenizes it.
-  answer: the reference answer, as text (what belongs inside `\\boxed{}`).
+  answer: the reference answer, as text (what belongs inside `\\boxed{}`); "" when the task has
+    none and verifies answers otherwise (e.g. reasoning-gym's rush_hour simulates the moves).
   solution: a worked trace for SFT (the thinking text, without `<think>` tags), or None.
   metadata: what the task's checker needs besides the answer (JSON-like values); not hashed.
   """
