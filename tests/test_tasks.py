@@ -18,10 +18,10 @@ from adaptive.tasks import (
   ChatTemplate,
   Problem,
   extract_answer,
+  length_for_solution_chars,
   make_task,
   reward_on_window,
 )
-from adaptive.tasks.long_trace import length_for_solution_chars
 from adaptive.tasks.math_check import math_equal
 
 # --- answer extraction -------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from adaptive.tasks.splits import check_split, split_of
 
 log = logging.getLogger(__name__)
 
-# A split gives up after this many candidates in a row that belong to the other split (or repeat
-# nothing new): the problem space is then too small to split.
+# A split gives up after this many candidates in a row that belong to the other split: the
+# problem space is then too small (or too lopsided under the question hash) to split.
 MAX_CONSECUTIVE_REJECTS = 1000
 
 
