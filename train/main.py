@@ -7,8 +7,15 @@ Multi-process (one process per host): `jax.distributed.initialize()` runs when
 JAX_COORDINATOR_ADDRESS is set, or on a multi-host TPU slice (TPU_WORKER_HOSTNAMES
 lists more than one host); otherwise (one host, Colab, tests) it is skipped.
 Only process 0 writes metrics and prints progress; every process takes part in
-checkpoints. Restore order: DIR's latest checkpoint, else config.init_from,
-else a fresh sharded init. SIGTERM saves a checkpoint and exits 0.
+checkpoints. Restore order: DIR's newest checkpoint that restores and verifies
+(newer ones that do not are moved aside with one warning each; see
+train/checkpoint.py), else config.init_from, else a fresh sharded init. SIGTERM
+saves a checkpoint and exits 0.
+
+Every expected failure (a bad config or override, unusable checkpoints, a
+missing or corrupt file, a non-finite run) ends with one `error: ...` line on
+stderr and a non-zero exit code (2, or 1 for non-finite training, 130 on
+Ctrl-C), after the checkpoint manager has finished or abandoned its saves.
 """
 
 from __future__ import annotations
@@ -166,13 +173,13 @@ def evaluate(setup, state, eval_iterator, start_state, steps: int) -> float:
 
 def _initial_state(config, setup, run, mesh, ckpt, train_iter, writer):
   """Restores from the workdir, else init_from, else a fresh sharded init."""
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, setup.abstract_state)
-    train_iter.set_state(data_state)
-    writer.truncate_after(latest)
-    logging.info("resumed from %s/%d", ckpt.directory, latest)
-    return state, f"resumed from step {latest}"
+  restored = ckpt.restore_newest(setup.abstract_state)
+  if restored is not None:
+    train_iter.set_state(restored.data_state)
+    # Records past the restored step (also those of a step moved aside) are redone.
+    writer.truncate_after(restored.step)
+    logging.info("resumed from %s/%d", ckpt.directory, restored.step)
+    return restored.state, f"resumed from step {restored.step}"
   # A run killed before its first checkpoint committed left records of steps it will redo.
   writer.truncate_after(0)
   state = setup.init()
@@ -211,14 +218,75 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[Any] | None = 
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   setup = trainer.setup(run, config, mesh)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-  ckpt = checkpoint_lib.Checkpointer(
-    os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
-  )
-  train_iter = make_data_iterator(config, "train")
-  eval_iter = make_data_iterator(config, "eval") if config.eval_every else None
+  with _ClosingAll() as closing:
+    writer = closing.add(metrics_lib.MetricsWriter(workdir, enabled=is_main))
+    ckpt = closing.add(
+      checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
+      )
+    )
+    train_iter = closing.add(make_data_iterator(config, "train"))
+    eval_iter = closing.add(make_data_iterator(config, "eval")) if config.eval_every else None
+    state, how = _initial_state(config, setup, run, mesh, ckpt, train_iter, writer)
+    return _train_loop(
+      config,
+      workdir,
+      devices=devices,
+      run=run,
+      mesh=mesh,
+      setup=setup,
+      writer=writer,
+      ckpt=ckpt,
+      train_iter=train_iter,
+      eval_iter=eval_iter,
+      state=state,
+      how=how,
+    )
+
+
+class _ClosingAll:
+  """Closes what was added to it, last added first, when the block ends, however it ends.
+
+  After an error the closers' own errors are logged, not raised, so the first error is the
+  one reported (a failed restore is not buried under a save that cannot finish); after a
+  normal end the first of them is raised: a checkpoint that failed to save must not pass
+  silently.
+  """
+
+  def __init__(self):
+    self.closers = []
+
+  def add(self, resource):
+    """`resource`, whose close() (if it has one) will be called."""
+    close = getattr(resource, "close", None)
+    if close is not None:
+      self.closers.append(close)
+    return resource
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, error_type, error, traceback) -> bool:
+    first = None
+    for close in reversed(self.closers):
+      try:
+        close()
+      except Exception as e:  # pylint: disable=broad-except
+        if error is not None:
+          logging.error("while stopping after an error: %s", checkpoint_lib.short_reason(e))
+        elif first is None:
+          first = e
+    if first is not None:
+      raise first
+    return False
+
+
+def _train_loop(
+  config, workdir, *, devices, run, mesh, setup, writer, ckpt, train_iter, eval_iter, state, how
+) -> dict:
+  """Trains from `state` (restored or fresh) to config.total_steps; returns the summary."""
+  is_main = jax.process_index() == 0
   eval_start = eval_iter.get_state() if eval_iter is not None else None
-  state, how = _initial_state(config, setup, run, mesh, ckpt, train_iter, writer)
   step = int(jax.device_get(state["step"]))
   total = int(config.total_steps)
   peak = metrics_lib.peak_flops_per_device(devices[0])
@@ -306,11 +374,6 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[Any] | None = 
     if profiling:
       jax.profiler.stop_trace()
     preemption.restore()
-    ckpt.close()
-    writer.close()
-    for it in (train_iter, eval_iter):
-      if it is not None:
-        getattr(it, "close", lambda: None)()
   summary["step"] = step
   return summary
 
@@ -371,13 +434,22 @@ def main(argv):
   config = FLAGS.config
   try:
     summary = train_and_evaluate(config, FLAGS.workdir)
-  except (ValueError, NonFiniteError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1 if isinstance(e, NonFiniteError) else 2)
+  except NonFiniteError as e:
+    _exit_with_error(e, 1)
+  except (ValueError, OSError, checkpoint_lib.NoRestorableCheckpointError) as e:
+    _exit_with_error(e, 2)
+  except KeyboardInterrupt:
+    _exit_with_error("interrupted (saves already started were finished first)", 130)
   if jax.process_index() == 0:
     print(
       f"done: {summary['status']} at step {summary['step']}; workdir {FLAGS.workdir}", flush=True
     )
+
+
+def _exit_with_error(error, code: int):
+  """One `error:` line on stderr and exit `code` (the run's resources are already closed)."""
+  print(f"error: {error}", file=sys.stderr, flush=True)
+  sys.exit(code)
 
 
 def _define_flags():
