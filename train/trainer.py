@@ -3,7 +3,12 @@
     setup = trainer.setup(run, config, mesh)          # abstract state + shardings, nothing allocated
     state = setup.init()                              # sharded init: jit(out_shardings=...)
     state, metrics = setup.train_step(state, batch)   # jitted, state donated
-    sums = setup.eval_step(state["params"], batch)
+    sums = setup.eval_step(state, batch)
+    logp_BS = setup.logprobs(state, batch)            # log p(targets) under the state's params
+
+The loss is a parameter: `setup(..., objective=grpo.objective(cfg))` trains GRPO (or
+`losses.sft()`, SFT) through the same mesh, rules, donation, accumulation and clipping;
+the default, `losses.lm()`, is pretraining (train/losses.py says what an objective is).
 
 The train state is a dict of pure pytrees (what the checkpoint holds):
 
@@ -14,18 +19,19 @@ The train state is a dict of pure pytrees (what the checkpoint holds):
     rng             uint32 raw key data, the run's base key
     nonfinite_streak, nonfinite_total   int32 counters of skipped steps
 
-A batch is a dict of [B, S] arrays: tokens, targets, positions, segment_ids
-(0 = padding) and loss_mask (float32). The loss is the masked next-token cross
-entropy, normalised by the batch's mask total (so gradient accumulation over
-micro-batches gives the same gradient as one big batch), plus the already
-weighted auxiliary losses the model reports in `aux["losses"]`.
+A batch is a dict of the objective's fields; every objective has the [B, S] arrays
+tokens, targets, positions, segment_ids (0 = padding) and loss_mask (float32). The
+LM loss is the masked next-token cross entropy, normalised by the batch's mask total
+(so gradient accumulation over micro-batches gives the same gradient as one big
+batch). Every objective's loss gets the already weighted auxiliary losses the model
+reports in `aux["losses"]` added.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -36,16 +42,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models import registry
-from train import sharding
+from train import losses, sharding
 
-BATCH_FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
-BATCH_DTYPES = {
-  "tokens": np.int32,
-  "targets": np.int32,
-  "positions": np.int32,
-  "segment_ids": np.int32,
-  "loss_mask": np.float32,
-}
+# The LM batch (every objective's batch has these fields; see train/losses.py).
+BATCH_DTYPES = dict(losses.LM_DTYPES)
+BATCH_FIELDS = tuple(BATCH_DTYPES)
+masked_cross_entropy_sum = losses.masked_cross_entropy_sum
+# What Setup.logprobs reads.
+LOGPROB_FIELDS = (*losses.MODEL_INPUTS, "targets")
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -112,19 +116,6 @@ def make_optimizer(opt, total_steps: int, decay_mask=None) -> optax.GradientTran
   return optax.chain(*parts)
 
 
-# ----------------------------------------------------------------------------- loss
-
-
-def masked_cross_entropy_sum(
-  logits_BSV: jax.Array, targets_BS: jax.Array, loss_mask_BS: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-  """(sum of masked next-token cross entropy in nats, sum of the mask), float32."""
-  logits_BSV = logits_BSV.astype(jnp.float32)
-  ce_BS = optax.softmax_cross_entropy_with_integer_labels(logits_BSV, targets_BS)
-  mask_BS = loss_mask_BS.astype(jnp.float32)
-  return jnp.sum(ce_BS * mask_BS), jnp.sum(mask_BS)
-
-
 # ----------------------------------------------------------------------------- setup
 
 
@@ -143,6 +134,8 @@ class Setup:
   train_step: Callable
   eval_step: Callable
   params_finite: Callable
+  objective: losses.Objective
+  logprobs: Callable  # (state, batch) -> log p(targets) [B, S]; see setup()
 
 
 def _split(model):
@@ -150,8 +143,18 @@ def _split(model):
   return graphdef, params, rest
 
 
-def setup(run, config, mesh: Mesh, *, donate: bool = True) -> Setup:
-  """Builds the abstract state, its shardings and the jitted init/train/eval steps."""
+def setup(
+  run, config, mesh: Mesh, *, objective: losses.Objective | None = None, donate: bool = True
+) -> Setup:
+  """Builds the abstract state, its shardings and the jitted init/train/eval/logprobs steps.
+
+  `objective` (default losses.lm()) is the loss `train_step` minimises and decides the
+  batch's fields. `eval_step` is always the LM cross entropy (sums) over the batch's
+  loss_mask. `logprobs(state, batch)` runs the model forward under `state["params"]` (any
+  params pytree sharded like the state's, e.g. a frozen reference) in the train step's
+  micro-batches and returns log p(targets) [B, S] float32, e.g. GRPO's old log-probs.
+  """
+  objective = losses.lm() if objective is None else objective
   kind, model_config = run.model_kind, run.model_config
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
   seed = int(config.seed)
@@ -207,53 +210,62 @@ def setup(run, config, mesh: Mesh, *, donate: bool = True) -> Setup:
   init = jax.jit(init_fn, out_shardings=state_shardings)
 
   batch_sharding = sharding.batch_sharding(mesh)
-  batch_shardings = {k: batch_sharding for k in BATCH_FIELDS}
+  batch_shardings = {k: batch_sharding for k in objective.batch_dtypes}
+  lm_shardings = {k: batch_sharding for k in BATCH_FIELDS}
 
   def forward(params, rest, mb):
+    """(logits_BSV, aux losses, aux metrics, new model_state) of one (micro-)batch."""
     model = nnx.merge(graphdef, params, rest) if has_rest else nnx.merge(graphdef, params)
     logits_BSV, aux = model(mb["tokens"], mb["positions"], mb["segment_ids"])
-    ce_sum, count = masked_cross_entropy_sum(logits_BSV, mb["targets"], mb["loss_mask"])
     new_rest = _split(model)[2].to_pure_dict() if has_rest else rest
     aux = aux or {}
-    return ce_sum, count, dict(aux.get("losses", {})), dict(aux.get("metrics", {})), new_rest
+    return logits_BSV, dict(aux.get("losses", {})), dict(aux.get("metrics", {})), new_rest
 
-  def micro_loss(params, rest, mb, total_count):
-    ce_sum, _, aux_losses, aux_metrics, new_rest = forward(params, rest, mb)
+  def micro_loss(params, rest, mb, totals):
+    logits_BSV, aux_losses, aux_metrics, new_rest = forward(params, rest, mb)
+    objective_loss, objective_metrics = objective.loss(logits_BSV, mb, totals)
     aux_total = sum(aux_losses.values(), jnp.zeros((), jnp.float32)) / grad_accum
-    loss = ce_sum / total_count + aux_total
-    return loss, (ce_sum, aux_losses, aux_metrics, new_rest)
+    loss = objective_loss + aux_total
+    return loss, (objective_metrics, aux_losses, aux_metrics, new_rest)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def to_micro(x):  # [B, ...] -> [A, B/A, ...], micro-batch a = rows a, A+a, 2A+a, ...
+    x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1)
+    spec = PartitionSpec(None, sharding.BATCH_AXES, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  def from_micro(x):  # the inverse of to_micro
+    x = x.swapaxes(0, 1)
+    return x.reshape((x.shape[0] * grad_accum,) + x.shape[2:])
 
   def train_step(state, batch):
     params = state["params"]
     rest = state.get("model_state", {})
-    total_count = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    totals = objective.totals(batch)
     if grad_accum == 1:
-      (loss, (ce_sum, aux_losses, aux_metrics, rest)), grads = grad_fn(
-        params, rest, batch, total_count
+      (loss, (objective_metrics, aux_losses, aux_metrics, rest)), grads = grad_fn(
+        params, rest, batch, totals
       )
     else:
-
-      def to_micro(x):  # [B, ...] -> [A, B/A, ...], micro-batch a = rows a, A+a, 2A+a, ...
-        x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1)
-        spec = PartitionSpec(None, sharding.BATCH_AXES, *([None] * (x.ndim - 2)))
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
       micro = {k: to_micro(v) for k, v in batch.items()}
 
       def body(carry, mb):
-        grads_acc, loss_acc, ce_acc, rest = carry
-        (loss, (ce_sum, aux_losses, aux_metrics, rest)), grads = grad_fn(
-          params, rest, mb, total_count
+        grads_acc, loss_acc, metrics_acc, rest = carry
+        (loss, (objective_metrics, aux_losses, aux_metrics, rest)), grads = grad_fn(
+          params, rest, mb, totals
         )
         grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-        return (grads_acc, loss_acc + loss, ce_acc + ce_sum, rest), (aux_losses, aux_metrics)
+        metrics_acc = jax.tree.map(jnp.add, metrics_acc, objective_metrics)
+        return (grads_acc, loss_acc + loss, metrics_acc, rest), (aux_losses, aux_metrics)
 
       zeros = jax.tree.map(jnp.zeros_like, params)
       zero = jnp.zeros((), jnp.float32)
-      (grads, loss, ce_sum, rest), (aux_losses, aux_metrics) = jax.lax.scan(
-        body, (zeros, zero, zero, rest), micro
+      first = jax.tree.map(lambda x: x[0], micro)
+      metric_shapes = jax.eval_shape(lambda: micro_loss(params, rest, first, totals)[1][0])
+      metric_zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.float32), metric_shapes)
+      (grads, loss, objective_metrics, rest), (aux_losses, aux_metrics) = jax.lax.scan(
+        body, (zeros, zero, metric_zeros, rest), micro
       )
       aux_losses = jax.tree.map(jnp.mean, aux_losses)
       aux_metrics = jax.tree.map(jnp.mean, aux_metrics)
@@ -275,16 +287,18 @@ def setup(run, config, mesh: Mesh, *, donate: bool = True) -> Setup:
     }
     if has_rest:
       new_state["model_state"] = keep(rest, state["model_state"])
-    metrics = {
-      "loss": loss,
-      "lm_loss": ce_sum / total_count,
-      "grad_norm": grad_norm,
-      "learning_rate": schedule(step),
-      "finite": finite.astype(jnp.float32),
-      "nonfinite_streak": streak,
-      "nonfinite_total": new_state["nonfinite_total"],
-      "loss_tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32)),
-    }
+    metrics = {"loss": loss}
+    metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in objective_metrics.items()})
+    metrics.update(
+      {
+        "grad_norm": grad_norm,
+        "learning_rate": schedule(step),
+        "finite": finite.astype(jnp.float32),
+        "nonfinite_streak": streak,
+        "nonfinite_total": new_state["nonfinite_total"],
+      }
+    )
+    metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in totals.items()})
     metrics.update({f"aux_loss/{k}": jnp.asarray(v, jnp.float32) for k, v in aux_losses.items()})
     metrics.update({f"aux/{k}": jnp.asarray(v, jnp.float32) for k, v in aux_metrics.items()})
     return new_state, metrics
@@ -296,18 +310,44 @@ def setup(run, config, mesh: Mesh, *, donate: bool = True) -> Setup:
     donate_argnums=(0,) if donate else (),
   )
 
+  rest_in_shardings = rest_shardings if has_rest else repl
+
   def eval_fn(params, rest, batch):
-    ce_sum, count, aux_losses, _, _ = forward(params, rest, batch)
+    logits_BSV, _, _, _ = forward(params, rest, batch)
+    ce_sum, count = masked_cross_entropy_sum(logits_BSV, batch["targets"], batch["loss_mask"])
     return {"ce_sum": ce_sum, "count": count}
 
   jitted_eval = jax.jit(
-    eval_fn,
-    in_shardings=(params_shardings, rest_shardings if has_rest else repl, batch_shardings),
-    out_shardings=repl,
+    eval_fn, in_shardings=(params_shardings, rest_in_shardings, lm_shardings), out_shardings=repl
   )
 
   def eval_step(state, batch):
-    return jitted_eval(state["params"], state.get("model_state", {}), batch)
+    lm_batch = {k: batch[k] for k in BATCH_FIELDS}
+    return jitted_eval(state["params"], state.get("model_state", {}), lm_batch)
+
+  def logprobs_fn(params, rest, batch):
+    # In the train step's micro-batches, so a batch that trains also fits here.
+    def one(mb):
+      return losses.token_logprobs(forward(params, rest, mb)[0], mb["targets"])
+
+    if grad_accum == 1:
+      return one(batch)
+    return from_micro(jax.lax.map(one, {k: to_micro(v) for k, v in batch.items()}))
+
+  jitted_logprobs = jax.jit(
+    logprobs_fn,
+    in_shardings=(
+      params_shardings,
+      rest_in_shardings,
+      {k: batch_sharding for k in LOGPROB_FIELDS},
+    ),
+    out_shardings=batch_sharding,
+  )
+
+  def logprobs(state, batch):
+    """log p(targets) in nats, [B, S] float32 sharded like the batch, under state["params"]."""
+    model_batch = {k: batch[k] for k in LOGPROB_FIELDS}
+    return jitted_logprobs(state["params"], state.get("model_state", {}), model_batch)
 
   params_finite = jax.jit(
     lambda p: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])),
@@ -327,6 +367,8 @@ def setup(run, config, mesh: Mesh, *, donate: bool = True) -> Setup:
     train_step=jitted_step,
     eval_step=eval_step,
     params_finite=params_finite,
+    objective=objective,
+    logprobs=logprobs,
   )
 
 
@@ -335,11 +377,25 @@ def state_is_finite(setup_: Setup, state) -> bool:
   return bool(setup_.params_finite(state))
 
 
-def device_batch(local_batch: dict[str, np.ndarray], setup_: Setup) -> dict[str, jax.Array]:
-  """Global jax arrays from this process's rows, sharded over (data, fsdp)."""
+def device_batch(
+  local_batch: dict[str, np.ndarray], setup_: Setup, fields: Sequence[str] | None = None
+) -> dict[str, jax.Array]:
+  """Global jax arrays from this process's rows, sharded over (data, fsdp).
+
+  `fields`: which of the objective's fields (default all of them; LOGPROB_FIELDS is what
+  `setup_.logprobs` reads, so old log-probs can be computed before a batch is complete).
+  """
   from train import data as data_lib
 
-  local = {k: np.asarray(local_batch[k], BATCH_DTYPES[k]) for k in BATCH_FIELDS}
+  dtypes = setup_.objective.batch_dtypes
+  fields = tuple(dtypes) if fields is None else tuple(fields)
+  missing = [k for k in fields if k not in local_batch or k not in dtypes]
+  if missing:
+    raise ValueError(
+      f"batch: field {missing[0]!r} is missing; the {setup_.objective.name} objective's "
+      f"batch has {sorted(dtypes)}"
+    )
+  local = {k: np.asarray(local_batch[k], dtypes[k]) for k in fields}
   return data_lib.global_batch(local, setup_.batch_shardings["tokens"])
 
 
