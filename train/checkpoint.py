@@ -359,11 +359,14 @@ def _state_item_dir(path: epath.Path) -> epath.Path:
   """The `state` item of a checkpoint: `path` may be a run's checkpoint dir or a step dir."""
   if (path / "state").is_dir():
     return path / "state"
-  manager = ocp.CheckpointManager(
-    path, options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state", "data")
-  )
-  step = manager.latest_step()
-  manager.close()
+  # Committed steps, named as orbax names them (an unfinished save has a suffix); listed
+  # directly, since a read-only CheckpointManager logs three warnings about itself.
+  steps = [
+    int(child.name)
+    for child in (path.iterdir() if path.is_dir() else ())
+    if child.name.isdigit() and (child / COMMIT_MARKER).exists() and (child / "state").is_dir()
+  ]
+  step = max(steps, default=None)
   if step is None:
     raise ValueError(
       f"init_from={str(path)!r}: no checkpoint found there (expected an orbax "
