@@ -15,9 +15,10 @@ from flax import nnx
 
 from models import decoding, transformer
 
-CONFIG = transformer.Config(
+TINY_FIELDS = dict(
   vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64
 )
+CONFIG = transformer.Config(**TINY_FIELDS)
 LENGTHS = np.array([5, 9, 2], np.int32)
 S, N = 9, 7
 
@@ -309,3 +310,179 @@ def test_growing_cache_in_phases_gives_the_same_generation(model, prompts):
   np.testing.assert_array_equal(phased.tokens_BN, single.tokens_BN)
   np.testing.assert_array_equal(phased.lengths_B, single.lengths_B)
   np.testing.assert_allclose(phased.logprobs_BN, single.logprobs_BN, atol=1e-6)
+
+
+# -- compiles, token-id checks, per-row keys and budgets, every model kind --------------------
+
+
+class BackendCompiles:
+  """Counts every program XLA builds (the jax.monitoring backend-compile event): an
+  independent check of decoding.compile_counts that also sees eager ops."""
+
+  count = 0
+  _registered = False
+
+  @classmethod
+  def total(cls) -> int:
+    if not cls._registered:
+      from jax._src import dispatch
+
+      def listener(event, secs, **kwargs):
+        cls.count += event == dispatch.BACKEND_COMPILE_EVENT
+
+      jax.monitoring.register_event_duration_secs_listener(listener)
+      cls._registered = True
+    return cls.count
+
+
+def test_phase_capacities_are_bounded_in_number():
+  for s, n in [(9, 600), (100, 8192), (1024, 8192), (7, 32768)]:
+    capacities = decoding.phase_capacities(s, n, 1.25)
+    assert len(capacities) <= decoding.MAX_PHASES, (s, n, capacities)
+    assert capacities[-1] == s + n - 1 and capacities[0] >= s + 1
+    assert all(a < b for a, b in zip(capacities, capacities[1:], strict=False))
+    unbounded = decoding.phase_capacities(s, n, 1.25, max_phases=None)
+    assert len(unbounded) > decoding.MAX_PHASES  # The bound is what keeps it small.
+
+
+def test_a_new_shape_compiles_a_bounded_number_of_programs(model):
+  """S = 11, N = 600 took 8 phases at growth 1.25 (before: 8 decode + 7 growth programs, a
+  prefill and about 10 eager ops); now one prefill and at most MAX_PHASES decode programs,
+  nothing else, and a second call, or other row budgets, compile nothing."""
+  b, s, n = 2, 11, 600
+  prompts = np.random.RandomState(1).randint(1, 64, (b, s)).astype(np.int32)
+  lengths = np.array([11, 6], np.int32)
+  assert len(decoding.phase_capacities(s, n, 1.25, max_phases=None)) == 8
+  before, counts = BackendCompiles.total(), decoding.compile_counts()
+  out = decoding.generate(model, prompts, lengths, max_new_tokens=n, max_new_tokens_B=[n, n])
+  compiled = BackendCompiles.total() - before
+  traced = {k: v - counts[k] for k, v in decoding.compile_counts().items()}
+  assert traced == {"prefill": 1, "decode": decoding.MAX_PHASES}, traced
+  assert compiled == 1 + decoding.MAX_PHASES, compiled
+  before = BackendCompiles.total()
+  again = decoding.generate(model, prompts, lengths, max_new_tokens=n, max_new_tokens_B=[n, n])
+  cut = decoding.generate(model, prompts, lengths, max_new_tokens=n, max_new_tokens_B=[5, 0])
+  assert BackendCompiles.total() == before
+  np.testing.assert_array_equal(again.tokens_BN, out.tokens_BN)
+  # Budgets: row 0 is the first 5 tokens of its full generation, row 1 generates nothing.
+  np.testing.assert_array_equal(cut.lengths_B, [5, 0])
+  np.testing.assert_array_equal(cut.tokens_BN[0, :5], out.tokens_BN[0, :5])
+  np.testing.assert_allclose(cut.logprobs_BN[0, :5], out.logprobs_BN[0, :5], atol=1e-6)
+  np.testing.assert_array_equal(cut.tokens_BN[0, 5:], 0)
+  np.testing.assert_array_equal(cut.tokens_BN[1], 0)
+  np.testing.assert_array_equal(cut.logprobs_BN[1], 0.0)
+
+
+@pytest.mark.parametrize("bad", [64, 1000, -1])
+def test_out_of_vocab_prompt_ids_raise_naming_row_and_id_before_compiling(model, prompts, bad):
+  tokens = prompts.copy()
+  tokens[2, 1] = bad  # row 2 has length 2: position 1 is real
+  on_device = jax.device_put(tokens)
+  before, counts = BackendCompiles.total(), decoding.compile_counts()
+  with pytest.raises(ValueError, match=rf"row 2 holds token id {bad} at position 1"):
+    decoding.generate(model, tokens, LENGTHS, max_new_tokens=N)
+  with pytest.raises(ValueError, match=rf"row 2 holds token id {bad}"):
+    decoding.generate(model, on_device, LENGTHS, max_new_tokens=N)
+  assert BackendCompiles.total() == before and decoding.compile_counts() == counts
+
+
+def test_out_of_vocab_ids_in_the_padding_are_ignored(model, prompts, greedy):
+  tokens = prompts.copy()
+  tokens[2, LENGTHS[2] :] = -5  # past row 2's length
+  out = decoding.generate(model, tokens, LENGTHS, max_new_tokens=N)
+  np.testing.assert_array_equal(out.tokens_BN, greedy.tokens_BN)
+
+
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    (dict(max_new_tokens_B=[N + 1, 1, 1]), "max_new_tokens_B"),
+    (dict(max_new_tokens_B=[1, -1, 1]), "max_new_tokens_B"),
+    (dict(max_new_tokens_B=[1, 1]), "max_new_tokens_B"),
+    (dict(rng=jax.random.split(jax.random.key(0), 2)), "rng"),
+  ],
+)
+def test_bad_row_budgets_and_keys_raise(model, prompts, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    decoding.generate(model, prompts, LENGTHS, max_new_tokens=N, **kwargs)
+
+
+def test_per_row_keys_make_a_row_independent_of_its_batch(model, prompts):
+  """Row b sampled with key k_b in a batch equals the row alone with key [k_b]; a legacy
+  uint32 [B, 2] key batch is the same keys."""
+  sampling = decoding.Sampling(temperature=1.3, top_k=40)
+  keys = jax.random.split(jax.random.key(7), len(LENGTHS))
+  batch = decoding.generate(
+    model, prompts, LENGTHS, max_new_tokens=N, sampling=sampling, rng=keys, eos_ids=(3,)
+  )
+  for r in range(len(LENGTHS)):
+    alone = decoding.generate(
+      model,
+      prompts[r : r + 1, : LENGTHS[r]],
+      LENGTHS[r : r + 1],
+      max_new_tokens=N,
+      sampling=sampling,
+      rng=keys[r : r + 1],
+      eos_ids=(3,),
+    )
+    np.testing.assert_array_equal(alone.tokens_BN[0], batch.tokens_BN[r])
+    np.testing.assert_allclose(alone.logprobs_BN[0], batch.logprobs_BN[r], atol=1e-5)
+  legacy = decoding.generate(
+    model,
+    prompts,
+    LENGTHS,
+    max_new_tokens=N,
+    sampling=sampling,
+    rng=jax.random.key_data(keys),
+    eos_ids=(3,),
+  )
+  np.testing.assert_array_equal(legacy.tokens_BN, batch.tokens_BN)
+  # Different keys per row give different samples (the keys are used).
+  other = decoding.generate(
+    model,
+    prompts,
+    LENGTHS,
+    max_new_tokens=N,
+    sampling=sampling,
+    rng=jax.random.split(jax.random.key(8), len(LENGTHS)),
+    eos_ids=(3,),
+  )
+  assert not np.array_equal(other.tokens_BN, batch.tokens_BN)
+
+
+def _step_by_step_greedy(model, prompt, n):
+  """The model's own cached-decoding protocol for one unpadded row (FiRST: its prefill)."""
+  graphdef, state = nnx.split(model)
+  run = lambda method: jax.jit(lambda st, *a: getattr(nnx.merge(graphdef, st), method)(*a))
+  cache = model.init_cache(1, S + n)
+  tokens = jnp.asarray(prompt)[None]
+  if hasattr(model, "prefill"):
+    logits, cache = run("prefill")(state, tokens, jnp.asarray([len(prompt)]), cache)
+  else:
+    logits, cache = run("forward_cached")(state, tokens, jnp.arange(len(prompt))[None], cache)
+  step = run("forward_cached")
+  out, logprobs = [], []
+  for i in range(n):
+    logp = np.asarray(jax.nn.log_softmax(logits[0, -1]))
+    out.append(int(np.argmax(logp)))
+    logprobs.append(logp[out[-1]])
+    if i + 1 < n:
+      logits, cache = step(state, jnp.asarray([[out[-1]]]), jnp.asarray([[len(prompt) + i]]), cache)
+  return np.array(out), np.array(logprobs)
+
+
+@pytest.mark.parametrize("kind", ["mod", "first"])  # duo: tests/test_duo.py
+def test_every_decoding_model_kind_generates_like_its_own_cached_protocol(kind, prompts):
+  from models import registry
+
+  fields = dict(TINY_FIELDS)
+  fields.update({"mod": dict(capacity=0.5), "first": dict(router_init_bias=0.0)}[kind])
+  model = registry.build(kind, registry.make_config(kind, fields), rngs=nnx.Rngs(1))
+  if kind == "first":  # Prompt-dependent decisions, different per row.
+    model.skip_router_w[...] = jax.random.normal(jax.random.key(0), (2, 32)) * 2.0
+  n = 4
+  out = decoding.generate(model, prompts, LENGTHS, max_new_tokens=n)
+  for r in range(len(LENGTHS)):
+    tokens, logprobs = _step_by_step_greedy(model, prompts[r, : LENGTHS[r]], n)
+    np.testing.assert_array_equal(out.tokens_BN[r], tokens)
+    np.testing.assert_allclose(out.logprobs_BN[r], logprobs, atol=1e-5)
