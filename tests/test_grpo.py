@@ -1,5 +1,6 @@
 """GRPO against the formulas written out in NumPy (float64), mesh independence, config errors."""
 
+import functools
 import math
 
 import jax
@@ -333,7 +334,7 @@ def test_config_from_section():
 # ----------------------------------------------------------------------------- sharded step
 
 
-def model_config(mesh):
+def model_config(mesh, accum=1):
   c = lm_dense.get_config()
   c.total_steps = 10
   c.batch_size = 4  # the optimizer mini-batch, in rows
@@ -347,6 +348,7 @@ def model_config(mesh):
   # would turn rounding differences between meshes into lr-sized parameter differences;
   # an eps near the gradients' scale keeps the update Lipschitz in the gradient.
   c.optimizer.update(dict(warmup_steps=0, schedule="constant", learning_rate=1e-3, eps=1e-4))
+  c.optimizer.grad_accum_steps = accum
   c.data.prefetch = 0
   c.mesh.update(mesh)
   return c
@@ -382,18 +384,27 @@ def rollout_batch(seed=0, b_rows=8, s=16, vocab=320):
 GRPO_STEP_CONFIG = grpo.GRPOConfig(kl_coef=0.05, entropy_coef=0.01, minibatches=2)
 
 
-def grpo_setup(mesh, devices):
-  config = model_config(mesh)
-  run = config_lib.validate(config, num_devices=len(devices))
+@functools.cache  # the tests share compiled steps (compiling dominates their time)
+def grpo_setup(mesh_sizes, num_devices, accum=1):
+  """A GRPO setup on the first `num_devices` devices; `mesh_sizes` as sorted (axis, size) pairs."""
+  config = model_config(dict(mesh_sizes), accum)
+  devices = jax.devices()[:num_devices]
+  run = config_lib.validate(config, num_devices=num_devices)
   objective = grpo.objective(GRPO_STEP_CONFIG)
   return trainer.setup(
     run, config, sharding.make_mesh(dict(config.mesh), devices), objective=objective
   )
 
 
-def rl_steps(setup, host_state):
+@functools.cache
+def initial_state():
+  """One initial train state on the host, placed on every mesh (one init compile)."""
+  return jax.device_get(grpo_setup((("data", 1),), 1).init())
+
+
+def rl_steps(setup):
   """Two RL steps on one rollout batch: old and reference log-probs, two mini-batch updates each."""
-  state = jax.device_put(host_state, setup.state_shardings)
+  state = jax.device_put(initial_state(), setup.state_shardings)
   batch = rollout_batch()
   inputs = trainer.device_batch(batch, setup, fields=trainer.LOGPROB_FIELDS)
   old = np.asarray(jax.device_get(setup.logprobs(state, inputs)))
@@ -408,18 +419,39 @@ def rl_steps(setup, host_state):
 
 
 def test_grpo_step_is_the_same_on_8_devices_as_on_1():
-  devices = jax.devices()
-  assert len(devices) == 8
-  single = grpo_setup({"data": 1}, devices[:1])
-  host_state = jax.device_get(single.init())  # one init, placed on both meshes
-  old_1, losses_1, params_1, metrics_1 = rl_steps(single, host_state)
-  mixed = grpo_setup({"data": 2, "fsdp": 2, "tensor": 2}, devices)
-  old_8, losses_8, params_8, _ = rl_steps(mixed, host_state)
+  assert jax.device_count() == 8
+  old_1, losses_1, params_1, metrics_1 = rl_steps(grpo_setup((("data", 1),), 1))
+  mixed = grpo_setup((("data", 2), ("fsdp", 2), ("tensor", 2)), 8)
+  old_8, losses_8, params_8, _ = rl_steps(mixed)
   assert np.all(np.isfinite(losses_1)) and np.isfinite(old_1).all()
   assert float(metrics_1["finite"]) == 1.0 and float(metrics_1["grpo/ratio"]) != 1.0
   np.testing.assert_allclose(old_8, old_1, rtol=0, atol=1e-5)
   np.testing.assert_allclose(losses_8, losses_1, rtol=0, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), params_8, params_1)
   # The updates moved the parameters well beyond the tolerance.
-  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), params_1, host_state["params"])
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), params_1, initial_state()["params"])
   assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+def test_grpo_gradient_accumulation_equals_one_batch():
+  """Micro-batches of 2 rows: the same loss, metrics and parameters as the 4-row mini-batch."""
+  batch = rollout_batch(seed=1)
+  rng = np.random.default_rng(2)
+  batch["old_logprobs"] = batch["rollout_logprobs"] + rng.normal(0, 0.3, (8, 16)).astype(np.float32)
+  batch["ref_logprobs"] = batch["old_logprobs"] - 0.2
+  results = {}
+  for accum in (1, 2):
+    setup = grpo_setup((("data", 1),), 1, accum)
+    state = jax.device_put(initial_state(), setup.state_shardings)
+    metrics = []
+    for rows in np.split(np.arange(8), 2):
+      mini = {k: v[rows] for k, v in batch.items()}
+      state, m = setup.train_step(state, trainer.device_batch(mini, setup))
+      metrics.append(jax.device_get(m))
+    results[accum] = metrics, jax.device_get(state["params"])
+  (metrics_1, params_1), (metrics_2, params_2) = results[1], results[2]
+  for m1, m2 in zip(metrics_1, metrics_2, strict=True):
+    assert m1.keys() == m2.keys()
+    for key in m1:
+      assert float(m2[key]) == pytest.approx(float(m1[key]), rel=1e-5, abs=1e-6), key
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), params_2, params_1)

@@ -32,17 +32,17 @@ def test_sft_loss_is_cross_entropy_on_response_tokens_only():
   assert float(metrics["lm_loss"]) == float(loss)
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_logprobs_equal_the_models_log_softmax(accum):
+def test_logprobs_equal_the_models_log_softmax():
+  """Through the setup, in one batch and in the micro-batches of gradient accumulation."""
   c = lm_dense.get_config()
   c.batch_size, c.seq_len, c.data.prefetch = 4, 8, 0
   c.model.update(dict(dim=32, num_layers=1, num_heads=2, head_dim=16, mlp_dim=64, dtype="float32"))
-  c.optimizer.grad_accum_steps = accum
   c.mesh.data = 1
-  devices = jax.devices()[:1]
-  run = config_lib.validate(c, num_devices=1)
-  setup = trainer.setup(run, c, sharding.make_mesh(dict(c.mesh), devices))
+  mesh = sharding.make_mesh(dict(c.mesh), jax.devices()[:1])
+  setup = trainer.setup(config_lib.validate(c, num_devices=1), c, mesh)
   state = setup.init()
+  c.optimizer.grad_accum_steps = 2
+  accumulating = trainer.setup(config_lib.validate(c, num_devices=1), c, mesh)
   rng = np.random.default_rng(1)
   tokens = rng.integers(3, 300, (4, 8)).astype(np.int32)
   batch = {
@@ -51,8 +51,9 @@ def test_logprobs_equal_the_models_log_softmax(accum):
     "positions": np.tile(np.arange(8, dtype=np.int32), (4, 1)),
     "segment_ids": np.ones((4, 8), np.int32),
   }
-  got = setup.logprobs(state, trainer.device_batch(batch, setup, fields=trainer.LOGPROB_FIELDS))
   model = nnx.merge(setup.graphdef, jax.device_get(state["params"]))
   logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
   expected = np.take_along_axis(log_softmax(logits), batch["targets"][..., None], -1)[..., 0]
-  np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-5)
+  for s in (setup, accumulating):
+    got = s.logprobs(state, trainer.device_batch(batch, s, fields=trainer.LOGPROB_FIELDS))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-5)
