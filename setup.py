@@ -50,6 +50,13 @@ setup(
       "hypothesis>=6.100",
       # ruff is pinned: formatting may change between releases, and CI checks it.
       "ruff==0.17.6",
+      # tests/test_notebooks.py executes colabs/*.ipynb in an IPython kernel; the notebooks
+      # plot with matplotlib and look inside models with treescope.
+      "nbclient>=0.10",
+      "nbformat>=5.10",
+      "ipykernel>=6.29",
+      "matplotlib>=3.8",
+      "treescope>=0.1.7",
     ],
     # torch is pinned to the CPU build: an unpinned torch pulls GBs of CUDA wheels.
     "hf": ["torch==2.13.0", "transformers>=4.56,<6"],
