@@ -12,6 +12,7 @@ error. Per-cell times are printed (`pytest -s` shows them).
 import json
 import os
 import pathlib
+import re
 import sys
 import tempfile
 import time
@@ -28,6 +29,7 @@ COLABS = REPO / "colabs"
 NOTEBOOKS = sorted(COLABS.glob("*.ipynb"))
 CELL_TIMEOUT_S = 300  # one cell; a hung kernel fails instead of stalling the suite
 KERNEL_NAME = "adaptive-notebook-test"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # IPython colours its tracebacks
 
 
 def kernel_environment() -> dict:
@@ -74,6 +76,7 @@ def test_notebook_runs_top_to_bottom(path, kernel_specs):
   km = AsyncKernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=kernel_specs)
   client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, allow_errors=False)
   seconds = []
+  failure = None
   started = time.perf_counter()
   with client.setup_kernel(env=kernel_environment(), cwd=str(COLABS)):
     for index, cell in enumerate(nb.cells):
@@ -83,12 +86,15 @@ def test_notebook_runs_top_to_bottom(path, kernel_specs):
       try:
         client.execute_cell(cell, index)
       except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
-        pytest.fail(
-          f"{path.name}: cell {index} raised (ADAPTIVE_SMALL=1)\n"
-          f"--- cell {index} source ---\n{cell.source}\n--- error ---\n{e}",
-          pytrace=False,
+        error = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
+        failure = (
+          f"{path.name}: code cell {index} failed with {error}\n"
+          f"(ADAPTIVE_SMALL=1; the cell's source and traceback follow)\n{ANSI.sub('', str(e))}"
         )
+        break
       seconds.append((index, time.perf_counter() - cell_start))
+  if failure:  # outside the except block: the report is this message, not a chain
+    pytest.fail(failure, pytrace=False)
   total = time.perf_counter() - started
   print(f"\n{path.name}: {total:.1f} s in all (kernel start included); per code cell:")
   print("  " + ", ".join(f"[{i}] {s:.1f}s" for i, s in seconds))
