@@ -23,7 +23,13 @@ Each batch holds, per row of length S:
   targets     int32  next token of the same document (pad_id in padding)
   segment_ids int32  1, 2, ... per packed document piece in the row; 0 = padding
   positions   int32  0, 1, ... restarting at every segment; 0 in padding
-  loss_mask   float32 1 where targets is a real next token of the same document (segment_ids > 0)
+  loss_mask   float32 1 where targets is a real next token of the same document (segment_ids > 0);
+                      for SFT only where targets is a response token
+
+SFT (`data.source = "sft:TASK"`, see `train/sft_data.py`): documents are chat-formatted task
+problems with worked traces; each is tokenized as prompt ⊕ response ⊕ EOS and loss_mask is 1 only
+where the target is a response token or its EOS (0 on the prompt); `data.sft_too_long` says
+whether an example longer than seq_len is dropped (default) or cut. Packing is the same.
 
 Processes read disjoint documents: process p only ever sees documents with index = p (mod P) of
 its split, and packs them itself, so P processes together read every document exactly once per
@@ -41,7 +47,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from train import data_sources
+from train import data_sources, sft_data
 from train.tokenizer import load_tokenizer
 
 SPLITS = ("train", "eval")
@@ -50,7 +56,7 @@ SPLITS = ("train", "eval")
 def default_data_config() -> ml_collections.ConfigDict:
   """The default data config: reasoning-gym text generated on the fly, byte tokens."""
   data = ml_collections.ConfigDict()
-  # "generated" (reasoning-gym) | "tfds:NAME" | "text:GLOB" | "jsonl:GLOB"
+  # "generated" (reasoning-gym) | "tfds:NAME" | "text:GLOB" | "jsonl:GLOB" | "sft:TASK"
   data.source = "generated"
   data.tokenizer = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
   data.tasks = data_sources.DEFAULT_TASKS  # reasoning-gym task names (source="generated")
@@ -62,6 +68,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   data.shuffle = True  # shuffle train documents (per epoch)
   data.prefetch = 2  # batches prefetched in a background thread (0: none)
   data.num_workers = 0  # >0: that many prefetch processes (grain mp_prefetch)
+  # source="sft:TASK" only: task_options, chat_template, sft_too_long (train/sft_data.py).
+  for field, value in sft_data.default_fields().items():
+    data[field] = value
   return data
 
 
@@ -81,7 +90,8 @@ def validate_data_config(data, *, seq_len: int, global_batch_size: int, process_
   Cheap: reads no data and compiles nothing (it lists files, checks that a prepared tfds
   directory exists and imports reasoning_gym to check task names).
   """
-  missing = [f for f in default_data_config() if f not in data]
+  sft_fields = sft_data.default_fields()
+  missing = [f for f in default_data_config() if f not in data and f not in sft_fields]
   if missing:
     _fail(missing[0], None, "missing field; start from train.data.default_data_config()")
   for name, value, minimum in (
@@ -129,12 +139,16 @@ def validate_data_config(data, *, seq_len: int, global_batch_size: int, process_
         "`tfds build` (ArrayRecord format) or set data.tfds_data_dir",
       )
     _check_int(data, "eval_examples", process_count)
+  elif sft_data.is_sft_source(source):
+    sft_data.validate(data, check_int=_check_int, process_count=process_count)
   elif kind in ("text", "jsonl") and sep and arg:
     if not data_sources.matching_files(arg):
       _fail("source", source, f"no file matches the glob {arg!r}")
     _check_int(data, "eval_examples", process_count)
   else:
-    _fail("source", source, "expected 'generated', 'tfds:NAME', 'text:GLOB' or 'jsonl:GLOB'")
+    _fail(
+      "source", source, "expected 'generated', 'tfds:NAME', 'text:GLOB', 'jsonl:GLOB' or 'sft:TASK'"
+    )
 
   if kind in ("tfds", "jsonl") and (not isinstance(data.text_field, str) or not data.text_field):
     _fail("text_field", data.text_field, "expected the name of the record's text field")
@@ -184,12 +198,15 @@ class _NextTokenPieces(grain.experimental.FlatMapTransform):
 
 def _to_batch(packed: dict) -> dict:
   segment_ids = packed["tokens_segment_ids"].astype(np.int32)
+  loss_mask = (segment_ids > 0).astype(np.float32)
+  if "loss_mask" in packed:  # SFT: response tokens only
+    loss_mask *= packed["loss_mask"].astype(np.float32)
   return {
     "tokens": packed["tokens"].astype(np.int32),
     "targets": packed["targets"].astype(np.int32),
     "segment_ids": segment_ids,
     "positions": packed["tokens_positions"].astype(np.int32),
-    "loss_mask": (segment_ids > 0).astype(np.float32),
+    "loss_mask": loss_mask,
   }
 
 
@@ -284,7 +301,26 @@ def make_iterator(
   local_batch_size = global_batch_size // process_count
   tokenizer = load_tokenizer(data.tokenizer)
 
-  documents = data_sources.split_documents(data, split)
+  sft = sft_data.is_sft_source(data.source)
+  if sft:
+    documents = sft_data.split_examples(data, split)
+    sft_data.check_some_fit(
+      [documents[i] for i in range(process_index, len(documents), process_count)[:8]],
+      tokenizer,
+      seq_len=seq_len,
+      too_long=data.sft_too_long,
+    )
+    tokenize, to_pieces = (
+      sft_data.TokenizeSft(tokenizer),
+      sft_data.SftPieces(seq_len, data.sft_too_long),
+    )
+    lengths = {"tokens": seq_len, "targets": seq_len, "loss_mask": seq_len}
+    padding = {"tokens": tokenizer.pad_id, "targets": tokenizer.pad_id, "loss_mask": 0.0}
+  else:
+    documents = data_sources.split_documents(data, split)
+    tokenize, to_pieces = _Tokenize(tokenizer), _NextTokenPieces(seq_len)
+    lengths = {"tokens": seq_len, "targets": seq_len}
+    padding = {"tokens": tokenizer.pad_id, "targets": tokenizer.pad_id}
   dataset = grain.MapDataset.source(documents)[process_index::process_count]
   if len(dataset) == 0:
     raise ValueError(
@@ -293,19 +329,19 @@ def make_iterator(
     )
   if split == "train" and data.shuffle:
     dataset = dataset.shuffle(seed=_derived_seed(seed, 1))
-  dataset = dataset.repeat(None).map(_Tokenize(tokenizer))
+  dataset = dataset.repeat(None).map(tokenize)
   # Documents are read / generated / tokenized by a small thread pool ahead of packing.
   read_threads = 2 if data.prefetch or data.num_workers else 0
   pieces = grain.experimental.FlatMapIterDataset(
     dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64)),
-    _NextTokenPieces(seq_len),
+    to_pieces,
   )
   packed = grain.experimental.FirstFitPackIterDataset(
     pieces,
-    length_struct={"tokens": seq_len, "targets": seq_len},
+    length_struct=lengths,
     num_packing_bins=local_batch_size,
     shuffle_bins=False,
-    padding_struct={"tokens": tokenizer.pad_id, "targets": tokenizer.pad_id},
+    padding_struct=padding,
   )
   batches = packed.batch(local_batch_size, drop_remainder=True).map(_to_batch)
   if data.num_workers > 0:
@@ -336,6 +372,8 @@ def make_iterator(
     "process_count": int(process_count),
     "num_workers": int(data.num_workers),
   }
+  if sft:
+    fingerprint.update(sft_data.fingerprint(data))
   return DataIterator(iter(batches), fingerprint)
 
 
