@@ -140,3 +140,20 @@ def test_config_cannot_grow_new_fields():
   config = lm_dense.get_config()
   with pytest.raises(AttributeError):
     config.totl_steps = 5
+
+
+@pytest.mark.parametrize("objective", ["lm", "sft"])
+def test_objective_lm_and_sft_validate(objective):
+  config = lm_dense.get_config()
+  with config.unlocked():
+    config.objective = objective
+  assert config_lib.validate(config, num_devices=8).objective == objective
+  assert config_lib.validate(lm_dense.get_config(), num_devices=8).objective == "lm"
+
+
+def test_unknown_objective_names_the_field():
+  config = lm_dense.get_config()
+  with config.unlocked():
+    config.objective = "ppo"
+  with pytest.raises(ValueError, match=r"objective='ppo'; allowed: \['lm', 'sft', 'grpo'\]"):
+    config_lib.validate(config, num_devices=8)

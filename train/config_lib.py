@@ -23,6 +23,9 @@ from models import registry
 from train import sharding
 
 SCHEDULES = ("cosine", "constant", "linear")
+# config.objective: "lm" (pretraining, the default when absent), "sft" (loss on response tokens
+# of the data section's chat-formatted rows) or "grpo" (the RL loop of train/rl.py).
+OBJECTIVES = ("lm", "sft", "grpo")
 DATA_LOADING = ("sharded", "replicated")
 REQUIRED_FIELDS = (
   "seed",
@@ -65,6 +68,7 @@ class Run:
   model_kind: str
   model_config: Any
   micro_batch_size: int
+  objective: str = "lm"
 
 
 def _is_int(value) -> bool:
@@ -98,13 +102,29 @@ def model_fields(config) -> tuple[str, dict[str, Any]]:
   return kind, fields
 
 
+def objective_name(config) -> str:
+  """config.objective ("lm" when the config has no such field), checked."""
+  name = config.get("objective", "lm")
+  if name not in OBJECTIVES:
+    raise ValueError(f"objective={name!r}; allowed: {list(OBJECTIVES)}")
+  return name
+
+
 def validate(config, *, num_devices: int, process_count: int = 1) -> Run:
-  """Checks every field of a training config; returns the resolved Run."""
-  missing = [f for f in REQUIRED_FIELDS if f not in config]
+  """Checks every field of a training config; returns the resolved Run.
+
+  A "grpo" config has no data section; its rl and grpo sections are checked instead
+  (train/rl_config.py).
+  """
+  objective = objective_name(config)
+  required = REQUIRED_FIELDS
+  if objective == "grpo":
+    required = tuple(f for f in REQUIRED_FIELDS if f != "data") + ("rl", "grpo")
+  missing = [f for f in required if f not in config]
   if missing:
     raise ValueError(
-      f"config.{missing[0]}: required field is missing; a training config "
-      f"has {list(REQUIRED_FIELDS)}"
+      f"config.{missing[0]}: required field is missing; a {objective} training config "
+      f"has {list(required)}"
     )
   _check_int("seed", config.seed, 0)
   _check_int("total_steps", config.total_steps, 1)
@@ -188,23 +208,32 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> Run:
       f"float32 parameters and optimizer state; allowed: ['float32']"
     )
 
-  # Data (the data module validates its own section).
-  from train import data as data_lib
+  if objective == "grpo":
+    from train import rl_config
 
-  data_lib.validate_data_config(
-    config.data,
-    seq_len=config.seq_len,
-    global_batch_size=config.batch_size,
-    process_count=process_count,
-  )
-  vocab = tokenizer_vocab_size(config.data)
+    vocab = rl_config.validate(config, dp=dp, process_count=process_count)
+  else:
+    # Data (the data module validates its own section).
+    from train import data as data_lib
+
+    data_lib.validate_data_config(
+      config.data,
+      seq_len=config.seq_len,
+      global_batch_size=config.batch_size,
+      process_count=process_count,
+    )
+    vocab = tokenizer_vocab_size(config.data)
   if vocab is not None and model_config.vocab_size < vocab:
     raise ValueError(
       f"model.vocab_size={model_config.vocab_size}: must be >= the "
       f"tokenizer's vocabulary size {vocab}"
     )
   return Run(
-    mesh_shape=mesh_shape, model_kind=kind, model_config=model_config, micro_batch_size=micro
+    mesh_shape=mesh_shape,
+    model_kind=kind,
+    model_config=model_config,
+    micro_batch_size=micro,
+    objective=objective,
   )
 
 

@@ -2,6 +2,11 @@
 
     python -m train.main --config=configs/lm_dense.py --workdir=DIR [--config.FIELD=VALUE ...]
 
+`config.objective` chooses the run: "lm" (pretraining; the default when the config has no
+such field), "sft" (the same loop with losses.sft(): loss on the response tokens the data
+section marks) or "grpo" (the RL loop of train/rl.py: rollouts in an environment, rewards,
+several optimizer steps per RL step through the same sharded update).
+
 Multi-process (one process per host): `jax.distributed.initialize()` runs when
 --coordinator_address/--num_processes/--process_id are given, when
 JAX_COORDINATOR_ADDRESS is set, or on a multi-host TPU slice (TPU_WORKER_HOSTNAMES
@@ -32,7 +37,7 @@ import jax
 import numpy as np
 
 from train import checkpoint as checkpoint_lib
-from train import config_lib, sharding, trainer
+from train import config_lib, losses, sharding, trainer
 from train import metrics as metrics_lib
 
 
@@ -214,10 +219,15 @@ def train_and_evaluate(config, workdir: str, *, devices: Sequence[Any] | None = 
   """Runs (or resumes) training; returns a summary dict (final step, losses, status)."""
   devices = list(jax.devices() if devices is None else devices)
   run = config_lib.validate(config, num_devices=len(devices), process_count=jax.process_count())
+  if run.objective == "grpo":
+    from train import rl
+
+    return rl.train_and_evaluate(config, workdir, run=run, devices=devices)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(dict(config.mesh), devices)
-  setup = trainer.setup(run, config, mesh)
+  objective = losses.sft() if run.objective == "sft" else losses.lm()
+  setup = trainer.setup(run, config, mesh, objective=objective)
   with _ClosingAll() as closing:
     writer = closing.add(metrics_lib.MetricsWriter(workdir, enabled=is_main))
     ckpt = closing.add(
