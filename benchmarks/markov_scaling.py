@@ -28,9 +28,9 @@ Sizes (defaults): C = 128, m = C/2, a 16-token query, 4 rows, and a 2-layer floa
 width 64 (SwiGLU 128, vocab 256) with 4 query heads of 32 sharing one KV head. GQA as in the
 paper's R1-Distill-Qwen-1.5B (12 query heads share 2 KV heads); one KV head also because on CPU
 the decode attention path contracts all KV heads at once against a block-diagonal query and so
-executes kv_heads times the attention FLOPs the model counts. Attention overtakes the matmuls at
-a context of about 1.4 C here (about 1.9 C for that model at C = 8192) and is ~90% of LongCoT's
-FLOPs at 16× C, so its quadratic term shows. `--quick`: tiny sizes, 1× and 2× C, a smoke test.
+executes kv_heads times the attention FLOPs the model counts. Attention overtakes the layers'
+matmuls at a context of about 1.4 C here (about 1.9 C for that model at C = 8192) and is over 80%
+of LongCoT's FLOPs at 16× C, so its quadratic term shows. `--quick`: tiny sizes, 1× and 2× C, a smoke test.
 
 Results: log-log slopes of time against thinking length (`delethink_exponent`, target
 <= 1.15; `longcot_exponent`), Delethink's peak KV bytes at 16× C over 2× C
@@ -240,6 +240,15 @@ def fit_exponent(xs, ys) -> float:
   return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
+def l2_cache() -> str:
+  """The L2 cache size the OS reports for CPU 0 (e.g. "2048K"), or "unknown"."""
+  try:
+    with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
+      return f.read().strip()
+  except OSError:
+    return "unknown"
+
+
 def notes(result: dict, kinds: dict, lengths: list[int], args) -> list[str]:
   """What the numbers say, written from the numbers (no claim here is fixed in advance)."""
   long, dele = kinds["longcot"], kinds["delethink"]
@@ -264,6 +273,16 @@ def notes(result: dict, kinds: dict, lengths: list[int], args) -> list[str]:
     f" matmul) over a cache of at most {dele['peak_kv_bytes'][-1]} bytes. generate's decode steps"
     " also attend over the whole buffer of their cache-growth phase: counting that, the FLOP ratio"
     f" is {d['executed_flop_ratio']} (error {d['executed_flop_model_error']}).",
+    "LongCoT's FLOP rate against the size of its KV cache (L2 cache per core:"
+    f" {result['environment']['l2_cache_per_core']}), (model GFLOP per CPU-second, peak KV"
+    f" bytes): {list(zip(long['model_gflops_per_cpu_s'], long['peak_kv_bytes'], strict=True))}.",
+    f"Load: average {result['environment']['load_average_start']} at the start and"
+    f" {result['environment']['load_average_end']} at the end on {os.cpu_count()} cores. Other"
+    " processes shift wall times: Delethink's exponent from the best repeats is"
+    f" {result['delethink_exponent']}, from the medians {d['delethink_exponent_median_time']},"
+    f" from CPU time {d['delethink_cpu_exponent']} (LongCoT {result['longcot_exponent']},"
+    f" {d['longcot_exponent_median_time']}, {d['longcot_cpu_exponent']}); differences of this"
+    " size are noise.",
     f"Peak KV bytes are the nbytes of the cache buffers generate returned; equal to the model's"
     f" (context = prompt + new - 1 tokens) at every point: {d['peak_kv_bytes_measured_equal_model']}.",
   ]
@@ -462,7 +481,6 @@ def main(argv=None):
       r["peak_kv_bytes"] == r["peak_kv_bytes_model"] for r in result_kinds.values()
     ),
   }
-  result["notes"] = notes(result, result_kinds, lengths, args)
   result["thinking_multiples"] = args.multiples
   result["thinking_tokens"] = lengths
   result.update(result_kinds)
@@ -515,8 +533,10 @@ def main(argv=None):
     "machine": platform.machine(),
     "load_average_start": [round(x, 2) for x in load_start],
     "load_average_end": [round(x, 2) for x in os.getloadavg()],
+    "l2_cache_per_core": l2_cache(),
   }
   os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
+  result["notes"] = notes(result, result_kinds, lengths, args)
   result["png"] = os.path.basename(args.png) if plot(result, args.png) else None
   write_result(args.out, result)
   summary = {k: result[k] for k in result if not isinstance(result[k], dict | list)}
