@@ -13,8 +13,8 @@ The `rl` section (configs/delethink_grpo.py shows every field):
     prompts_per_step  problems drawn from the task's train split per RL step (P)
     temperature, top_p   sampling of the rollouts
     tokenizer         "byte" or a Hugging Face tokenizer.json path
-    chat_template     "" (plain for the byte tokenizer, else the tokenizer directory's own) or a
-                      tokenizer directory whose chat template to use
+    chat_template     "auto" (plain for the byte tokenizer, else the tokenizer.json directory's
+                      own), "plain", or a Hugging Face tokenizer directory (as data.chat_template)
     require_think     reward needs the answer after `</think>` (the Delethink setting)
     prompt_buckets    prompt lengths the rollout pads to (() = powers of two)
 
@@ -136,9 +136,9 @@ def validate(config, *, dp: int, process_count: int) -> int:
   ):
     _fail("tokenizer", rl.tokenizer, "expected 'byte' or a path to a tokenizer.json")
   if not isinstance(rl.chat_template, str) or (
-    rl.chat_template and not os.path.isdir(rl.chat_template)
+    rl.chat_template not in ("auto", "plain") and not os.path.isdir(rl.chat_template)
   ):
-    _fail("chat_template", rl.chat_template, "expected '' or a tokenizer directory")
+    _fail("chat_template", rl.chat_template, "expected 'auto', 'plain' or a tokenizer directory")
   from train import tokenizer as tokenizer_lib
 
   vocab = tokenizer_lib.load_tokenizer(rl.tokenizer).vocab_size
