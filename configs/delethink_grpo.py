@@ -112,7 +112,9 @@ def get_config() -> ml_collections.ConfigDict:
       mode="train",  # the reference RL carry; "inference": the paper's Algorithm 1
       budget=128,  # LongCoT only
       task="long_sum",
-      task_options=ml_collections.ConfigDict(dict(length=6)),
+      # make_task options (every long_sum option, so each can be overridden on the command
+      # line; another task needs its own options here).
+      task_options=ml_collections.ConfigDict(dict(length=6, ops="+", modulus=10, max_operand=9)),
       prompts_per_step=4,  # (paper: 128)
       temperature=1.0,  # (paper: 0.6)
       top_p=1.0,
