@@ -13,9 +13,9 @@ which never share a question with train (`adaptive.tasks.splits`). `num_examples
 One example is rendered as `ChatTemplate.sft_target(question, task.sft_completion(problem))`
 -> (prompt, target) and tokenized as the rollout sees it, the prompt and the target separately:
 
-    ids      = encode_prompt(prompt) ⊕ encode(target) ⊕ EOS   (encode_prompt adds BOS unless the
-                                                             rendered template already starts
-                                                             with it, as R1-style templates do)
+    ids      = encode_prompt(prompt) ⊕ encode(target) ⊕ EOS   (encode_prompt: BOS ⊕ prompt for
+                                                             the byte tokenizer; a Hugging Face
+                                                             template writes its own BOS)
     response = 0 on the prompt ids, 1 on the target ids and the EOS
 
 and the next-token pairs (tokens, targets) = (ids[:-1], ids[1:]) get loss_mask = response[1:]:
@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from adaptive import tasks as tasks_lib
+from train.tokenizer import ByteTokenizer
 
 SOURCE_PREFIX = "sft:"
 TOO_LONG = ("drop", "cut")
@@ -170,12 +171,13 @@ def split_examples(data, split: str) -> SftExamples:
 
 
 def encode_prompt(tokenizer, prompt: str) -> np.ndarray:
-  """int32 ids of a rendered prompt: BOS ⊕ encode(prompt), without a second BOS when the
-  rendered template already starts with the BOS token."""
+  """int32 ids of a rendered prompt, as the RL loop builds its queries: BOS ⊕ encode(prompt)
+  for the byte tokenizer (the plain template writes no BOS); encode(prompt) alone for a Hugging
+  Face tokenizer, whose chat template writes its own BOS as text when the model has one."""
   body = np.asarray(tokenizer.encode_np(prompt), np.int32)
-  if body.size and body[0] == tokenizer.bos_id:
-    return body
-  return np.concatenate([np.array([tokenizer.bos_id], np.int32), body])
+  if isinstance(tokenizer, ByteTokenizer):
+    return np.concatenate([np.array([tokenizer.bos_id], np.int32), body])
+  return body
 
 
 @dataclasses.dataclass(frozen=True)
