@@ -46,8 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.objective = "sft"
   c.seed = 0
-  c.total_steps = 400
-  c.batch_size = 16  # global, in packed sequences
+  c.total_steps = 300
+  c.batch_size = 8  # global, in packed sequences
   c.seq_len = 384  # an example (prompt ~230 + response ~110 byte tokens) fits whole
   c.checkpoint_every = 100
   c.eval_every = 100
