@@ -418,7 +418,7 @@ def test_per_row_keys_make_a_row_independent_of_its_batch(model, prompts):
   for r in range(len(LENGTHS)):
     alone = decoding.generate(
       model,
-      prompts[r : r + 1, : LENGTHS[r]],
+      prompts[r : r + 1],
       LENGTHS[r : r + 1],
       max_new_tokens=N,
       sampling=sampling,

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -184,6 +185,33 @@ class _Compiles:
 GREEDY = decoding.Sampling()
 
 
+class _Batch(NamedTuple):
+  """One generate call: active rows first, then padding rows (budget 0, one pad token)."""
+
+  tokens_BS: np.ndarray  # int32 [B, S], right-padded prompts
+  lengths_B: np.ndarray  # int32 [B]
+  budgets_B: np.ndarray  # int32 [B], 0 for padding rows
+  rows_B: np.ndarray  # int32 [B], the env row of each batch row (0 for padding rows)
+  shape: tuple[int, int, int]  # (B, S, N = the largest budget)
+
+
+def _pack(obs, active, total: int, prompt_buckets, batch_buckets, pad_id: int) -> _Batch:
+  """The bucketed batch of the active rows' prompts."""
+  lengths = np.array([len(obs.prompts[r]) for r in active], np.int32)
+  if lengths.min() < 1:
+    raise ValueError(f"obs.prompts[{active[np.argmin(lengths)]}]: an active row's prompt is empty")
+  s = bucket_length(int(lengths.max()), prompt_buckets)
+  b = max(bucket_rows(len(active), total, batch_buckets), len(active))
+  tokens_BS = np.full((b, s), pad_id, np.int32)
+  for j, r in enumerate(active):
+    tokens_BS[j, : lengths[j]] = obs.prompts[r]
+  lengths_B, budgets_B, rows_B = np.ones(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
+  lengths_B[: len(active)] = lengths
+  budgets_B[: len(active)] = obs.max_new_tokens[active]
+  rows_B[: len(active)] = active
+  return _Batch(tokens_BS, lengths_B, budgets_B, rows_B, (b, s, int(budgets_B.max())))
+
+
 def _as_key(rng, sampling: decoding.Sampling):
   if rng is None:
     if not sampling.greedy:
@@ -268,11 +296,18 @@ def rollout(
     problem_ids = range(num_problems)
   problem_ids = np.asarray(list(problem_ids))
   if problem_ids.shape != (num_problems,) or (
-    num_problems and not np.issubdtype(problem_ids.dtype, np.integer)
+    num_problems
+    and (
+      not np.issubdtype(problem_ids.dtype, np.integer)
+      or problem_ids.min() < 0
+      or problem_ids.max() > np.iinfo(np.int32).max
+    )
   ):
     raise ValueError(
-      f"problem_ids: must be {num_problems} integers (one per query), got {problem_ids!r}"
+      f"problem_ids: must be {num_problems} integers in [0, 2**31) (one per query), got "
+      f"{problem_ids!r}"
     )
+  problem_ids = problem_ids.astype(np.int32)
   for p, query in enumerate(queries):
     array = np.asarray(query)
     if array.ndim == 1 and array.size and np.issubdtype(array.dtype, np.integer):
@@ -297,44 +332,27 @@ def rollout(
   try:
     while not obs.done.all():
       active = np.flatnonzero(~obs.done)
-      budgets = obs.max_new_tokens[active].astype(np.int32)
-      lengths = np.array([len(obs.prompts[r]) for r in active], np.int32)
-      for r, length in zip(active, lengths, strict=True):
-        if length < 1:
-          raise ValueError(f"obs.prompts[{r}]: an active row has an empty prompt")
+      batch = _pack(obs, active, total, prompt_buckets, batch_buckets, pad_id)
+      for r in active:
         _check_ids(
-          obs.prompts[r],
-          vocab,
-          f"obs.prompts[{r}] (problem {problem_R[r]}, sample {sample_R[r]})",
+          obs.prompts[r], vocab, f"obs.prompts[{r}] (problem {problem_R[r]}, sample {sample_R[r]})"
         )
-      s = bucket_length(int(lengths.max()), prompt_buckets)
-      b = max(bucket_rows(len(active), total, batch_buckets), len(active))
-      n = int(budgets.max())
-      shapes.setdefault((b, s, n), None)
-      tokens_BS = np.full((b, s), pad_id, np.int32)
-      lengths_B = np.ones(b, np.int32)  # padding rows: one pad token, budget 0
-      budgets_B = np.zeros(b, np.int32)
-      for j, r in enumerate(active):
-        tokens_BS[j, : lengths[j]] = obs.prompts[r]
-      lengths_B[: len(active)] = lengths
-      budgets_B[: len(active)] = budgets
+      shapes.setdefault(batch.shape, None)
       row_rng = None
-      if key is not None:
-        index = np.zeros(b, np.int64)
-        index[: len(active)] = active
-        chunk_B = env.num_chunks[index].astype(np.int32)
+      if key is not None and not sampling.greedy:
+        chunk_B = env.num_chunks[batch.rows_B].astype(np.int32)
         row_rng = _row_keys(
           key,
-          jax.device_put(problem_ids[problem_R[index]].astype(np.int32)),
-          jax.device_put(sample_R[index]),
+          jax.device_put(problem_ids[problem_R[batch.rows_B]]),
+          jax.device_put(sample_R[batch.rows_B]),
           jax.device_put(chunk_B),
         )
       out = decoding.generate(
         model,
-        tokens_BS,
-        lengths_B,
-        max_new_tokens=n,
-        max_new_tokens_B=budgets_B,
+        batch.tokens_BS,
+        batch.lengths_B,
+        max_new_tokens=batch.shape[2],
+        max_new_tokens_B=batch.budgets_B,
         sampling=sampling,
         eos_ids=tuple(int(e) for e in eos_ids),
         rng=row_rng,
@@ -348,7 +366,7 @@ def rollout(
       logprobs: list = [None] * total
       for j, r in enumerate(active):
         # generate stops each row at its budget; the cut is the env contract made explicit.
-        length = min(int(out_lengths[j]), int(budgets[j]))
+        length = min(int(out_lengths[j]), int(batch.budgets_B[j]))
         outputs[r] = out_tokens[j, :length]
         logprobs[r] = out_logprobs[j, :length]
         generated += length
