@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 8  # RL steps
   c.batch_size = 24  # rows per optimizer minibatch (one row per chunk)
-  c.seq_len = 320  # chat-formatted long_sum query (<= 256 bytes) + C
+  c.seq_len = 320  # chat-formatted long_sum query (<= 240 byte tokens) + C
   c.checkpoint_every = 2  # RL steps
   c.eval_every = 0  # held-out accuracy: python -m train.evaluate
   c.eval_steps = 1
@@ -73,12 +73,12 @@ def get_config() -> ml_collections.ConfigDict:
     dict(
       kind="dense",
       vocab_size=320,  # >= the byte tokenizer's 259
-      dim=64,
-      num_layers=2,
+      dim=128,  # the shapes of configs/sft_traces.py, so init_from can load its checkpoints
+      num_layers=4,
       num_heads=4,
       num_kv_heads=2,
-      head_dim=16,
-      mlp_dim=192,
+      head_dim=32,
+      mlp_dim=384,
       dtype="float32",
       param_dtype="float32",
       remat="none",
@@ -113,8 +113,11 @@ def get_config() -> ml_collections.ConfigDict:
       budget=128,  # LongCoT only
       task="long_sum",
       # make_task options (every long_sum option, so each can be overridden on the command
-      # line; another task needs its own options here).
-      task_options=ml_collections.ConfigDict(dict(length=6, ops="+", modulus=10, max_operand=9)),
+      # line; another task needs its own options here). Worked traces of <= 10 steps are
+      # ~110 tokens: up to 3 chunks of C = 64, m = 32.
+      task_options=ml_collections.ConfigDict(
+        dict(length=10, min_length=4, ops="+", modulus=10, max_operand=9)
+      ),  # as configs/sft_traces.py's data.task_options
       prompts_per_step=4,  # (paper: 128)
       temperature=1.0,  # (paper: 0.6)
       top_p=1.0,

@@ -35,6 +35,7 @@ OVERRIDES = {
   "rl.keep_head": 2,
   "rl.prompts_per_step": 2,
   "rl.task_options.length": 2,
+  "rl.task_options.min_length": 2,
   "rl.prompt_buckets": (192,),
   "grpo.group_size": 2,
   "model.dim": 32,
