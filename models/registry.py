@@ -14,13 +14,14 @@ from typing import Any
 
 from flax import nnx
 
-from models import duo, first, mod, transformer
+from models import duo, early_exit, first, mod, transformer
 
 MODELS: dict[str, tuple[type, type]] = {
   "dense": (transformer.Config, transformer.Transformer),
   "mod": (mod.Config, mod.MoDTransformer),
   "duo": (duo.Config, duo.DuoTransformer),
   "first": (first.Config, first.FiRSTTransformer),
+  "early_exit": (early_exit.Config, early_exit.EarlyExitTransformer),
 }
 
 
