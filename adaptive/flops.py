@@ -28,6 +28,14 @@ Adaptive variants (`executed_train_flops` dispatches on the config's fields):
     realised skip fraction is "first/skip_fraction" (0 while training with
     relaxed gates, which execute every layer). Routers: pooling + D per layer
     and sequence.
+  Early exit (`exit_layers`), training: every layer executes (LayerSkip's
+    dropped layers are masked, not removed), plus the LM head at each early
+    exit whose loss is computed ("early_exit/exit_heads"; the rotational
+    curriculum skips the others) and the exit classifiers (D per exit and
+    token). Decoding (`early_exit_decode_step_flops`): a row runs its blocks up
+    to its exit in full; every later block still projects its K and V from the
+    frozen state (propagated K/V); each exit a row reaches computes its
+    confidence (for the softmax measures, the LM head on the exit state).
 
 The numbers count executed work: what a kernel that skips the unselected
 tokens/layers does. XLA's cost analysis of a masked program counts the full
@@ -179,10 +187,97 @@ def first_forward_flops(
   ) + lm_head_flops(config, tokens)
 
 
+def _early_exits(config: Any) -> tuple[int, ...]:
+  return tuple(config.exit_layers) or tuple(range(1, config.num_layers))
+
+
+def kv_projection_flops(config: Any, tokens: int) -> float:
+  """FLOPs of one layer's K and V projections for `tokens` tokens."""
+  return 2.0 * tokens * 2 * config.dim * config.num_kv_heads * config.head_dim
+
+
+def decode_attention_flops(config: Any, batch: int, context_len: int) -> float:
+  """QKᵀ and AV of one layer for one query per row over `context_len` keys (itself included)."""
+  window = getattr(config, "sliding_window", None)
+  keys = context_len if window is None else min(context_len, window)
+  return 4.0 * batch * keys * config.num_heads * config.head_dim
+
+
+def exit_check_flops(config: Any, tokens: int, measure: str) -> float:
+  """FLOPs of one exit's confidence for `tokens` tokens (`adaptive.exits` measures).
+
+  "softmax_diff" / "max_prob": the LM head on the exit state; "classifier": a
+  D-vector dot product; "cosine": a dot product and two squared norms.
+  """
+  if measure in ("softmax_diff", "max_prob"):
+    return lm_head_flops(config, tokens)
+  if measure == "classifier":
+    return 2.0 * tokens * config.dim
+  if measure == "cosine":
+    return 6.0 * tokens * config.dim
+  raise ValueError(f"measure={measure!r}; allowed: softmax_diff, max_prob, classifier, cosine")
+
+
+def early_exit_forward_flops(
+  config: Any, batch: int, seq_len: int, metrics: dict[str, float] | None = None
+) -> float:
+  """Training forward FLOPs of an early-exit model.
+
+  The dense forward (dropped layers execute, masked), the LM head at the
+  "early_exit/exit_heads" early exits whose loss ran (default: every early
+  exit when any exit loss or classifier is on) and the exit classifiers.
+  """
+  tokens = batch * seq_len
+  num_exits = len(_early_exits(config))
+  trains_exits = getattr(config, "exit_loss", "none") != "none"
+  classifier = bool(getattr(config, "exit_classifier", False))
+  heads = _metric(metrics, "early_exit/exit_heads", num_exits if trains_exits or classifier else 0)
+  return (
+    dense_forward_flops(config, batch, seq_len)
+    + heads * lm_head_flops(config, tokens)
+    + classifier * num_exits * 2.0 * tokens * config.dim
+  )
+
+
+def early_exit_decode_step_flops(
+  config: Any, batch: int, context_len: int, exit_layers, measure: str | None = "softmax_diff"
+) -> float:
+  """FLOPs of one cached decode step with exits (`models.early_exit.forward_cached_exits`).
+
+  One token per row, attending over `context_len` keys (itself included).
+  `exit_layers` holds each row's exit (blocks it ran in full, 1..L). The
+  batched step has static shapes, so a block runs attention and MLP for every
+  row while any row is still inside (up to the deepest exit), and only the K/V
+  projections after; an exit's confidence (`measure`; None for a fixed exit,
+  which checks nothing) is computed for every row while any row reaches it.
+  The LM head runs once per row at the end. For what a per-token kernel would
+  execute, sum this over the rows with batch=1.
+  """
+  exit_layers = [
+    int(e) for e in (exit_layers if hasattr(exit_layers, "__iter__") else [exit_layers])
+  ]
+  if not exit_layers or min(exit_layers) < 1 or max(exit_layers) > config.num_layers:
+    raise ValueError(
+      f"exit_layers={exit_layers!r}: need one per row, each in [1, {config.num_layers}]"
+    )
+  deepest = max(exit_layers)
+  full_layer = 2.0 * batch * (
+    attention_projection_params(config) + mlp_params(config)
+  ) + decode_attention_flops(config, batch, context_len)
+  propagated = (config.num_layers - deepest) * kv_projection_flops(config, batch)
+  checks = 0.0
+  if measure is not None:
+    reached = sum(1 for e in _early_exits(config) if e <= deepest)
+    checks = reached * exit_check_flops(config, batch, measure)
+  return deepest * full_layer + propagated + checks + lm_head_flops(config, batch)
+
+
 def executed_forward_flops(
   config: Any, batch: int, seq_len: int, metrics: dict[str, float] | None = None
 ) -> float:
   """Forward FLOPs executed on [batch, seq_len], dispatching on the config's fields."""
+  if hasattr(config, "exit_layers"):
+    return early_exit_forward_flops(config, batch, seq_len, metrics)
   if hasattr(config, "routed_every") and hasattr(config, "capacity"):
     return mod_forward_flops(config, batch, seq_len, metrics)
   if hasattr(config, "small_mlp_dim"):

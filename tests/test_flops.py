@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from adaptive import flops
-from models import duo, first, mod, transformer
+from models import duo, early_exit, first, mod, transformer
 
 # Matmuls dominate: wide layers, short rows, small vocabulary.
 WIDE = dict(
@@ -122,4 +122,79 @@ def test_duo_routed_and_first_use_realised_fractions():
   )
   assert flops.executed_train_flops(fc, b, s, {"first/skip_fraction": 0.5}) == pytest.approx(
     3 * half
+  )
+
+
+def _xla_flops(fn, *args):
+  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return float(analysis["flops"])
+
+
+# A vocabulary large enough that one LM head costs about as much as a layer.
+EXITS = dict(WIDE, vocab_size=4096)
+
+
+def test_early_exit_training_forward_matches_xla_cost_analysis():
+  b, s = 2, 64
+  config = early_exit.Config(**EXITS, exit_layers=(1,), exit_classifier=True, layer_drop_max=0.2)
+  xla = _xla_forward_flops(early_exit.EarlyExitTransformer(config, rngs=nnx.Rngs(0)), b, s)
+  masked_half = config.num_layers * flops.attention_score_flops(config, b, s)
+  ours = flops.executed_forward_flops(config, b, s) + masked_half
+  assert ours == pytest.approx(xla, rel=0.10), (ours, xla)
+  print(f"early-exit training forward: ours/xla = {ours / xla:.3f}")
+  # The exit's head is counted (leaving it out would miss by more than the tolerance).
+  head = flops.lm_head_flops(config, b * s)
+  assert abs(ours - head - xla) > 0.10 * xla
+  # Dropped layers are masked, so training executes every layer: no discount for them.
+  dense_plus_head = flops.dense_forward_flops(config, b, s) + head
+  assert flops.executed_forward_flops(config, b, s, {"early_exit/layer_drop_fraction": 0.5}) > (
+    dense_plus_head
+  )
+  # A curriculum that computed no exit head this step: the dense model plus the classifier.
+  none = flops.executed_forward_flops(config, b, s, {"early_exit/exit_heads": 0.0})
+  assert none == pytest.approx(flops.dense_forward_flops(config, b, s) + 2.0 * b * s * config.dim)
+  assert flops.executed_train_flops(config, b, s) == pytest.approx(
+    3 * flops.executed_forward_flops(config, b, s)
+  )
+
+
+def test_early_exit_decode_step_matches_xla_cost_analysis():
+  b, t = 2, 64
+  config = early_exit.Config(**dict(EXITS, num_layers=4))
+  model = early_exit.EarlyExitTransformer(config, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  tokens_B1 = jnp.zeros((b, 1), jnp.int32)
+  positions_B1 = jnp.full((b, 1), t - 1, jnp.int32)  # Every cache slot is visible.
+
+  def step(st, cache, **kw):
+    return nnx.merge(graphdef, st).forward_cached_exits(tokens_B1, positions_B1, cache, **kw)
+
+  cache = model.init_cache(b, t)
+  measured = {}
+  for exit_layer in (1, 2, 4):  # A fixed exit: blocks after it only project K/V.
+    xla = _xla_flops(lambda st, c, e=exit_layer: step(st, c, exit_layer=e), state, cache)
+    ours = flops.early_exit_decode_step_flops(config, b, t, [exit_layer] * b, measure=None)
+    assert ours == pytest.approx(xla, rel=0.10), (exit_layer, ours, xla)
+    print(f"fixed exit {exit_layer}: ours/xla = {ours / xla:.3f}")
+    measured[exit_layer] = xla
+  assert measured[1] < 0.5 * measured[4]  # Exiting early saves most of the step.
+  # Confident exits: XLA counts each lax.cond at its dearer branch, i.e. no row ever leaves
+  # and every exit computes its confidence (here the LM head).
+  thresholds_B = jnp.full((b,), 0.5)
+  for measure in ("softmax_diff", "cosine"):
+    xla = _xla_flops(
+      lambda st, c, m=measure: step(st, c, thresholds_B=thresholds_B, measure=m), state, cache
+    )
+    ours = flops.early_exit_decode_step_flops(config, b, t, [4] * b, measure=measure)
+    assert ours == pytest.approx(xla, rel=0.10), (measure, ours, xla)
+    print(f"confident exits, {measure}: ours/xla = {ours / xla:.3f}")
+  # Rows at different depths: the deepest row keeps the others' blocks running (masked).
+  mixed = flops.early_exit_decode_step_flops(config, b, t, [1, 3])
+  assert mixed == pytest.approx(
+    3 * 2.0 * b * (flops.attention_projection_params(config) + flops.mlp_params(config))
+    + 3 * flops.decode_attention_flops(config, b, t)
+    + flops.kv_projection_flops(config, b)
+    + 3 * flops.lm_head_flops(config, b)  # Checks at exits 1, 2, 3, then the head.
+    + flops.lm_head_flops(config, b)
   )
