@@ -42,6 +42,7 @@ setup(
     "tokenizers>=0.21",
     "safetensors>=0.5",
     "numpy>=1.26",
+    "tqdm>=4.66",
   ],
   extras_require={
     "test": [
