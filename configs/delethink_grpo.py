@@ -42,6 +42,8 @@ Face directory; the same command on every host of the slice, a shared workdir):
 
 import ml_collections
 
+from configs import lm_dense
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -59,33 +61,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.init_from = ""  # an SFT run's checkpoints (configs/sft_traces.py) or a Hugging Face dir
   c.profile_steps = ()
 
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-  c.logical_axis_rules = (
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("q_heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("layers", None),
-  )
-  c.model = ml_collections.ConfigDict(
-    dict(
-      kind="dense",
-      vocab_size=320,  # >= the byte tokenizer's 259
-      dim=128,  # the shapes of configs/sft_traces.py, so init_from can load its checkpoints
-      num_layers=4,
-      num_heads=4,
-      num_kv_heads=2,
-      head_dim=32,
-      mlp_dim=384,
-      dtype="float32",
-      param_dtype="float32",
-      remat="none",
-      scan_layers=False,
-      tie_embeddings=False,
-    )
-  )
+  # The mesh, rules and model shapes of configs/lm_dense.py (so init_from loads across them),
+  # computed in float32.
+  dense = lm_dense.get_config()
+  c.mesh = dense.mesh
+  c.logical_axis_rules = dense.logical_axis_rules
+  c.model = dense.model
+  c.model.dtype = "float32"
   c.optimizer = ml_collections.ConfigDict(
     dict(
       learning_rate=1e-4,  # the paper: 1e-6 on a 1.5B model
