@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import calm_lm, layerskip_lm
 from models import early_exit, registry, transformer
+from train import config_lib
 
 TINY = dict(
   vocab_size=64, dim=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64
@@ -377,3 +379,10 @@ def test_validation_and_registry():
     _generate(model, 0.5, measure="classifier")
   with pytest.raises(ValueError, match="exit_layer"):
     _generate(model, 0.5, exit_layer=L + 1)
+  # The configs validate (they train: python -m train.main --config=configs/layerskip_lm.py).
+  for module, loss in ((layerskip_lm, "layerskip"), (calm_lm, "calm")):
+    run = config_lib.validate(module.get_config(), num_devices=1)
+    assert run.model_kind == "early_exit" and run.model_config.exit_loss == loss
+  config = layerskip_lm.get_config()
+  config.total_steps = 50
+  assert config_lib.validate(config, num_devices=1).model_config.curriculum_steps == 50
