@@ -618,7 +618,8 @@ def _decode(
       last_B[:, None],
       positions_B[:, None],
       cache,
-      thresholds_B=jnp.full((b,), threshold, jnp.float32),
+      # Rows that stopped leave at the first exit, so they keep no block running.
+      thresholds_B=jnp.where(done_B, -jnp.inf, threshold).astype(jnp.float32),
       measure=policy.measure,
       exit_layer=policy.exit_layer,
     )

@@ -125,9 +125,11 @@ def _at_fed(values_BS, first=0, count=STEPS):
   )
 
 
-def _generate(model, threshold, **policy):
+def _generate(model, threshold, eos_ids=(), **policy):
   policy = early_exit.ExitPolicy(threshold=threshold, **policy)
-  return early_exit.generate(model, PROMPTS, LENGTHS, max_new_tokens=STEPS + 1, policy=policy)
+  return early_exit.generate(
+    model, PROMPTS, LENGTHS, max_new_tokens=STEPS + 1, policy=policy, eos_ids=eos_ids
+  )
 
 
 def _check_generation(model, out, want_logits_fn):
@@ -222,8 +224,13 @@ def test_decoding_with_exits_equals_teacher_forced_forward_under_the_same_exits(
   want = _at_fed(want)
   print(f"max |decode - teacher-forced| logit: {np.abs(logits - want).max():.2e}")
   np.testing.assert_allclose(logits, want, atol=1e-5, rtol=1e-5)
-  # generate, with CALM's decaying threshold: the teacher-forced forward under its exits.
-  out = _generate(model, 0.5, decay_tau=2.0)
+  # generate, with CALM's decaying threshold and an EOS that stops row 0 after 4 tokens:
+  # the teacher-forced forward under its exits.
+  free = _generate(model, 0.5, eos_ids=(-1,), decay_tau=2.0)
+  _check_exit_decisions(model, free, threshold=0.5, tau=2.0)
+  eos = int(free.tokens_BN[0, 3])
+  out = _generate(model, 0.5, eos_ids=(eos,), decay_tau=2.0)
+  assert int(out.lengths_B[0]) <= 4 and (np.asarray(out.tokens_BN)[0, 4:] == 0).all()
   exit_layers = np.asarray(out.exit_layers_BN)
   assert len(np.unique(exit_layers)) >= 2
 
@@ -232,6 +239,32 @@ def test_decoding_with_exits_equals_teacher_forced_forward_under_the_same_exits(
     return call(model, "forward_with_exits", seqs, exits_, None, SEGMENTS)
 
   _check_generation(model, out, teacher_forced)
+
+
+def _check_exit_decisions(model, out, threshold, tau):
+  """Token i left at the first exit whose softmax top-1 − top-2 reached λ(i) (CALM's decay).
+
+  The confidence at exit e of token i is its logit there, i.e. the teacher-forced
+  forward in which only token i's exit changes to e (earlier tokens unchanged).
+  """
+  tokens, exit_layers = np.asarray(out.tokens_BN), np.asarray(out.exit_layers_BN)
+  seqs, exits_ = _with_fed(tokens[:, :-1]), np.asarray(_with_fed(exit_layers[:, 1:], fill=L))
+  rows, variants = [], []
+  for b, i, e in np.ndindex(3, STEPS, L - 1):  # Generated token i + 1, exit e + 1.
+    changed = exits_[b].copy()
+    changed[LENGTHS[b] + i] = e + 1
+    rows.append(b)
+    variants.append(changed)
+  logits = call(
+    model, "forward_with_exits", seqs[np.asarray(rows)], jnp.asarray(np.stack(variants))
+  )
+  logits = np.asarray(logits).reshape(3, STEPS, L - 1, *logits.shape[1:])
+  for b, i in np.ndindex(3, STEPS):
+    lam = min(1.0, 0.9 * threshold + 0.1 * math.exp(-tau * (i + 1) / (STEPS + 1)))
+    p = np.sort(np.asarray(jax.nn.softmax(logits[b, i, :, LENGTHS[b] + i])), axis=-1)
+    conf_E = p[:, -1] - p[:, -2]
+    reached = np.flatnonzero(conf_E >= lam)
+    assert exit_layers[b, i + 1] == (reached[0] + 1 if reached.size else L), (b, i, conf_E, lam)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
