@@ -82,7 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
     )
   )
 
-  task_options = dict(length=10, min_length=4)
+  # Every long_sum option is listed, so each can be overridden on the command line.
+  task_options = dict(length=10, min_length=4, ops="+", modulus=10, max_operand=9)
   c.data = data_lib.default_data_config()
   c.data.source = "sft:long_sum"
   c.data.task_options = ml_collections.ConfigDict(task_options)
