@@ -1,6 +1,7 @@
 """Environment for the tests that run `train.main` in subprocesses on fake CPU devices."""
 
 import os
+import subprocess
 import tempfile
 
 
@@ -18,3 +19,13 @@ def environment(devices: int) -> dict:
   )
   env.pop("JAX_COORDINATOR_ADDRESS", None)
   return env
+
+
+def finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:
+  """(exit code, combined output) of a CLI subprocess; killed if it runs past `timeout` seconds."""
+  try:
+    out = proc.communicate(timeout=timeout)[0]
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    raise
+  return proc.returncode, out

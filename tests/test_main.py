@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from cli_env import environment
+from cli_env import environment, finish
 
 from train import main
 
@@ -52,15 +52,6 @@ def start(workdir, *extra):
     stderr=subprocess.STDOUT,
     text=True,
   )
-
-
-def finish(proc, timeout=300):
-  try:
-    out = proc.communicate(timeout=timeout)[0]
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    raise
-  return proc.returncode, out
 
 
 def losses(workdir):

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 import pytest
-from cli_env import environment
+from cli_env import environment, finish
 
 from adaptive.envs import Chunk
 from configs import delethink_grpo, longcot_grpo
@@ -257,15 +257,6 @@ def start(workdir, *extra, devices=2, total=TOTAL):
     stderr=subprocess.STDOUT,
     text=True,
   )
-
-
-def finish(proc, timeout=400):
-  try:
-    out = proc.communicate(timeout=timeout)[0]
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    raise
-  return proc.returncode, out
 
 
 def test_kill_9_then_resume_gives_identical_metrics(tmp_path):
