@@ -130,6 +130,23 @@ def make_data_iterator(config, split: str):
 # ----------------------------------------------------------------------------- loop
 
 
+class _Saver:
+  """Saves {state, iterator} at most once per step, and never a non-finite state."""
+
+  def __init__(self, ckpt, setup_: trainer.Setup, iterator, start_step: int):
+    self._ckpt, self._setup, self._iterator = ckpt, setup_, iterator
+    self._last = start_step if ckpt.latest_step() == start_step else None
+
+  def save(self, step: int, state) -> None:
+    if self._last == step:
+      return
+    if not trainer.state_is_finite(self._setup, state):
+      logging.error("step %d: state is not finite; not checkpointing it", step)
+      return
+    self._ckpt.save(step, state, self._iterator.get_state())
+    self._last = step
+
+
 class _Preemption:
   """SIGTERM -> save and stop. Multi-process runs agree on the step through JAX."""
 
@@ -317,22 +334,12 @@ def _train_loop(
   summary = {"status": "completed", "losses": {}}
   timer = metrics_lib.StepTimer(step)
   first_step, first_step_seconds = True, 0.0
-  last_saved = step if ckpt.latest_step() == step else None
-
-  def save(at_step: int) -> None:
-    nonlocal last_saved
-    if last_saved == at_step:
-      return
-    if not trainer.state_is_finite(setup, state):
-      logging.error("step %d: state is not finite; not checkpointing it", at_step)
-      return
-    ckpt.save(at_step, state, train_iter.get_state())
-    last_saved = at_step
+  saver = _Saver(ckpt, setup, train_iter, step)
 
   try:
     while step < total:
       if preemption.reached(step):
-        save(step)
+        saver.save(step, state)
         summary["status"] = "preempted"
         if is_main:
           print(f"SIGTERM: saved checkpoint at step {step}; exiting", flush=True)
@@ -378,7 +385,7 @@ def _train_loop(
         interval = []
       if config.checkpoint_every and step % config.checkpoint_every == 0 or step == total:
         started = time.perf_counter()
-        save(step)
+        saver.save(step, state)
         timer.exclude(time.perf_counter() - started)
   finally:
     if profiling:

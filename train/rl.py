@@ -278,21 +278,12 @@ def train_and_evaluate(config, workdir: str, *, run, devices) -> dict:
       )
     preemption = main_lib._Preemption()
     summary = {"status": "completed", "losses": {}, "rewards": {}}
-    last_saved = step if ckpt.latest_step() == step else None
-
-    def save(at_step: int) -> None:
-      nonlocal last_saved
-      if last_saved == at_step:
-        return
-      if not trainer.state_is_finite(setup, state):
-        return
-      ckpt.save(at_step, state, stream.get_state())
-      last_saved = at_step
+    saver = main_lib._Saver(ckpt, setup, stream, step)
 
     try:
       while step < total:
         if preemption.reached(step):
-          save(step)
+          saver.save(step, state)
           summary["status"] = "preempted"
           if is_main:
             print(f"SIGTERM: saved checkpoint at step {step}; exiting", flush=True)
@@ -312,7 +303,7 @@ def train_and_evaluate(config, workdir: str, *, run, devices) -> dict:
         if is_main and (step % config.log_every == 0 or step == total or step == 1):
           print(progress_line(step, total, record), flush=True)
         if config.checkpoint_every and step % config.checkpoint_every == 0 or step == total:
-          save(step)
+          saver.save(step, state)
     finally:
       preemption.restore()
   summary["step"] = step
