@@ -1,0 +1,245 @@
+"""Delethink end to end at CPU scale: SFT, GRPO with Delethink and with LongCoT, evaluations.
+
+    python -m benchmarks.markov_e2e [--workdir=/tmp/markov_e2e] [--quick] [--verbose]
+
+Every stage is a command a user would run (`python -m train.main` / `python -m train.evaluate`
+with a config file of configs/, whose sizes all come from configs/markov_e2e_common.py), run
+as a subprocess with its own workdir under --workdir:
+
+  sft              SFT on LongCoT-formatted worked traces          configs/markov_e2e_sft.py
+  sft_eval         the SFT model on the held-out problems under LongCoT (budgets up to 4x the
+                   training budget) and zero-shot under Delethink (caps up to 4x)
+  grpo_delethink   GRPO, Delethink env (C, m, I), from the SFT checkpoints
+  grpo_longcot     GRPO, LongCoT env at budget C + (I - 1)(C - m), the same steps, G, prompts,
+                   learning rate and seed
+  *_eval           each RL model on the same held-out problems along its budget curve
+  *_eval_stepK     intermediate RL checkpoints at the training budget (accuracy vs RL step)
+
+A stage whose marker (WORKDIR/stages/NAME.json, written when its command exited 0) records
+the same command is skipped, so an interrupted study resumes where it stopped (a training
+stage killed midway resumes from its own last checkpoint); a marker with another command is
+an error (use a fresh --workdir). Each stage's output goes to WORKDIR/logs/NAME.log.
+
+Then benchmarks/markov_e2e_report.py turns the workdir into benchmarks/results/markov_e2e.json
+and markov_e2e.png (with --quick: WORKDIR/markov_e2e.json and .png, never the real results).
+Unless JAX_COMPILATION_CACHE_DIR is set, the stages share a compilation cache in the workdir
+(the evaluations rebuild the rollout programs the training runs compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+from tqdm import tqdm
+
+from benchmarks import markov_e2e_report as report
+from configs import markov_e2e_common as common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+CONFIGS = {
+  "sft": "configs/markov_e2e_sft.py",
+  "delethink": "configs/markov_e2e_delethink.py",
+  "longcot": "configs/markov_e2e_longcot.py",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  argv: tuple[str, ...]  # after `python -m`
+
+  @property
+  def command(self) -> str:
+    return " ".join(("python", "-m", *self.argv))
+
+
+def config_flag(kind: str, quick: bool) -> str:
+  return f"--config={CONFIGS[kind]}" + (":quick" if quick else "")
+
+
+def plan(workdir: str, quick: bool) -> list[Stage]:
+  """The study's stages in order; names double as marker and log names."""
+  s = common.study("quick" if quick else "")
+  sft_dir = os.path.join(workdir, "sft")
+  stages = [
+    Stage("sft", ("train.main", config_flag("sft", quick), f"--workdir={sft_dir}")),
+    Stage(
+      "sft_eval",
+      ("train.evaluate", config_flag("sft", quick), f"--workdir={sft_dir}", "--output=eval.json"),
+    ),
+  ]
+  init = f"--config.init_from={os.path.join(sft_dir, 'checkpoints')}"
+  for env in ("delethink", "longcot"):
+    run = os.path.join(workdir, f"grpo_{env}")
+    stages.append(
+      Stage(f"grpo_{env}", ("train.main", config_flag(env, quick), f"--workdir={run}", init))
+    )
+  for env in ("delethink", "longcot"):
+    run = os.path.join(workdir, f"grpo_{env}")
+    stages.append(
+      Stage(
+        f"{env}_eval",
+        ("train.evaluate", config_flag(env, quick), f"--workdir={run}", "--output=eval.json"),
+      )
+    )
+  at_budget = {
+    "delethink": f"--config.rl_eval.max_chunks=({s.max_chunks},)",
+    "longcot": f"--config.rl_eval.longcot_budgets=({s.training_budget},)",
+  }
+  for env in ("delethink", "longcot"):
+    for step in s.intermediate_steps():
+      checkpoint = os.path.join(workdir, f"grpo_{env}", "checkpoints", str(step))
+      stages.append(
+        Stage(
+          f"{env}_eval_step{step}",
+          (
+            "train.evaluate",
+            config_flag(env, quick),
+            f"--workdir={os.path.join(workdir, 'evals', f'{env}_step{step}')}",
+            f"--config.init_from={checkpoint}",
+            at_budget[env],
+            "--output=eval.json",
+          ),
+        )
+      )
+  return stages
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def marker_path(workdir: str, stage: Stage) -> str:
+  return os.path.join(workdir, "stages", f"{stage.name}.json")
+
+
+def completed(workdir: str, stage: Stage) -> dict | None:
+  """The stage's marker if it finished with this command; ValueError if with another."""
+  path = marker_path(workdir, stage)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    marker = json.load(f)
+  if marker.get("command") != stage.command:
+    raise ValueError(
+      f"--workdir={workdir}: stage {stage.name} was run there as\n  {marker.get('command')}\n"
+      f"not as\n  {stage.command}\n(another study's sizes?); use a fresh --workdir"
+    )
+  return marker
+
+
+def child_environment(workdir: str) -> dict:
+  env = dict(os.environ)
+  if "JAX_COMPILATION_CACHE_DIR" not in env:
+    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(workdir, "jax_cache")
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+  return env
+
+
+def run_stage(workdir: str, stage: Stage, bar, verbose: bool) -> dict:
+  """Runs the stage's command (output to its log, last line on the bar); writes its marker."""
+  os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+  log_path = os.path.join(workdir, "logs", f"{stage.name}.log")
+  started = time.perf_counter()
+  with open(log_path, "wb") as log:
+    proc = subprocess.Popen(
+      [sys.executable, "-m", *stage.argv],
+      cwd=ROOT,
+      env=child_environment(workdir),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+    )
+    pending = b""
+    for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+      log.write(chunk)
+      if verbose:
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+      lines = re.split(rb"[\r\n]", pending + chunk)
+      pending = lines[-1]
+      last = next((x for x in reversed(lines[:-1]) if x.strip()), b"")
+      if last:
+        bar.set_postfix_str(last.decode(errors="replace").strip()[-70:], refresh=True)
+    code = proc.wait()
+  seconds = time.perf_counter() - started
+  if code != 0:
+    with open(log_path, errors="replace") as f:
+      tail = "".join(f.readlines()[-40:])
+    raise RuntimeError(
+      f"stage {stage.name} failed (exit {code}) after {seconds:.0f} s:\n  {stage.command}\n"
+      f"last lines of {log_path}:\n{tail}"
+    )
+  marker = {"command": stage.command, "seconds": seconds, "finished": time.time()}
+  os.makedirs(os.path.dirname(marker_path(workdir, stage)), exist_ok=True)
+  with open(marker_path(workdir, stage), "w") as f:
+    json.dump(marker, f, indent=1)
+  return marker
+
+
+def run_all(workdir: str, stages: list[Stage], verbose: bool = False) -> list[dict]:
+  """Runs (or skips) every stage; returns [{name, command, seconds, skipped}] in order."""
+  done = []
+  bar = tqdm(total=len(stages), unit="stage", dynamic_ncols=True)
+  try:
+    for i, stage in enumerate(stages, 1):
+      bar.set_description(stage.name)
+      marker = completed(workdir, stage)
+      skipped = marker is not None
+      if skipped:
+        tqdm.write(
+          f"[{i}/{len(stages)}] {stage.name}: complete, skipped "
+          f"(took {marker['seconds']:.1f} s when run)"
+        )
+      else:
+        tqdm.write(f"[{i}/{len(stages)}] {stage.name}: {stage.command}")
+        marker = run_stage(workdir, stage, bar, verbose)
+        tqdm.write(f"[{i}/{len(stages)}] {stage.name}: done in {marker['seconds']:.1f} s")
+      record = {"name": stage.name, "command": stage.command, "seconds": marker["seconds"]}
+      done.append(record | {"skipped": skipped})
+      bar.update(1)
+  finally:
+    bar.close()
+  return done
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", default="/tmp/markov_e2e", help="every stage's workdir goes here")
+  p.add_argument("--quick", action="store_true", help="the toy sizes of configs' QUICK")
+  p.add_argument("--verbose", action="store_true", help="echo every stage's output")
+  p.add_argument("--out", default=None, help="JSON path (default: see the module docstring)")
+  p.add_argument("--png", default=None, help="PNG path (default: next to the JSON)")
+  args = p.parse_args(argv)
+  args.workdir = os.path.abspath(args.workdir)
+  if args.out is None:
+    folder = args.workdir if args.quick else RESULTS
+    args.out = os.path.join(folder, "markov_e2e.json")
+  if args.png is None:
+    args.png = os.path.splitext(args.out)[0] + ".png"
+  return args
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  os.makedirs(args.workdir, exist_ok=True)
+  stages = plan(args.workdir, args.quick)
+  stage_records = run_all(args.workdir, stages, verbose=args.verbose)
+  command = " ".join(["python -m benchmarks.markov_e2e", *(sys.argv[1:] if argv is None else argv)])
+  result = report.build(args.workdir, args.quick, stage_records, command=command)
+  report.write(result, args.out, args.png)
+  print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict | list)}, indent=1))
+  print(json.dumps(result["claims"], indent=1))
+  print(f"wrote {args.out}" + (f" and {args.png}" if result.get("png") else ""))
+  return result
+
+
+if __name__ == "__main__":
+  main()

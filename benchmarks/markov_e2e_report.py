@@ -1,0 +1,401 @@
+"""The Markovian end-to-end study's results, read from its workdir: JSON fields, claims, figure.
+
+`build(workdir, quick, stages, command)` reads what the stages of benchmarks/markov_e2e.py
+wrote (each evaluation's eval.json, each GRPO run's metrics.jsonl) and returns the result dict;
+`write` saves it as JSON and draws the PNG. Nothing here is fixed in advance: every accuracy,
+curve, time and claim is computed from those files.
+
+Accuracies are at the training budget B = C + (I - 1)(C - m) on the same held-out problems:
+`sft_accuracy` (the SFT model under LongCoT inference, its training format),
+`sft_delethink_zero_shot_accuracy` (the same model under Delethink inference, no RL),
+`delethink_rl_accuracy`, `longcot_rl_accuracy`; each with `_stderr` = sqrt(p (1 - p) / n) and
+`_n` = n (problems x samples). Rollout seconds per RL step are means over the RL steps that
+compiled no XLA program (metrics.jsonl's rollout_compiles == 0; the first step compiles every
+rollout program), or over all steps when every step compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+from importlib import metadata
+
+from benchmarks.isoflop import write_result
+from configs import markov_e2e_common as common
+
+ENVS = ("delethink", "longcot")
+SLACK = 0.03  # claim 1: Delethink within 3 points of LongCoT
+
+
+def read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+  """metrics.jsonl's records by step (a resumed run rewrites steps: the last one counts)."""
+  by_step = {}
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    for line in f:
+      if line.strip():
+        record = json.loads(line)
+        by_step[record["step"]] = record
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def binomial_stderr(p: float, n: int) -> float:
+  return math.sqrt(p * (1 - p) / n) if n else 0.0
+
+
+def curve_point(evaluation: dict, env: str, setting: int) -> dict:
+  """The curve point of `env` at max_chunks (Delethink) or budget (LongCoT) `setting`."""
+  key = "max_chunks" if env == "delethink" else "budget"
+  for point in evaluation[env]["curve"]:
+    if point[key] == setting:
+      return point
+  raise ValueError(f"{env} evaluation has no point at {key}={setting}: {evaluation[env]['curve']}")
+
+
+def training_setting(s: common.Study, env: str) -> int:
+  return s.max_chunks if env == "delethink" else s.training_budget
+
+
+def at_training_budget(evaluation: dict, env: str, s: common.Study) -> dict:
+  point = curve_point(evaluation, env, training_setting(s, env))
+  p, n = float(point["accuracy"]), int(point["count"])
+  return {"accuracy": p, "stderr": binomial_stderr(p, n), "n": n}
+
+
+def budget_curve(evaluation: dict, env: str) -> list[list[float]]:
+  """[[thinking budget in tokens, accuracy], ...]"""
+  key = "thinking_budget" if env == "delethink" else "budget"
+  return [[int(p[key]), float(p["accuracy"])] for p in evaluation[env]["curve"]]
+
+
+def rollout_timing(records: list[dict]) -> dict:
+  steady = [r for r in records if r.get("rollout_compiles", 0) == 0] or records
+  mean = lambda key: sum(float(r[key]) for r in steady) / len(steady)
+  rollout, update = mean("rollout_seconds"), mean("update_seconds")
+  return {
+    "rollout_s_per_step": rollout,
+    "update_s_per_step": update,
+    "rollout_fraction": rollout / (rollout + update) if rollout + update else 0.0,
+    "steps_averaged": [r["step"] for r in steady],
+    "rollout_s_all_steps": [float(r["rollout_seconds"]) for r in records],
+    "update_s_all_steps": [float(r["update_seconds"]) for r in records],
+    "rollout_tokens_per_step": sum(float(r["rollout_tokens"]) for r in steady) / len(steady),
+    "longest_context": max(int(r["longest_context"]) for r in records),
+  }
+
+
+# ----------------------------------------------------------------------------- held-out set
+
+
+def _questions(task_name: str, options: dict, split: str, count: int, seed: int) -> list[str]:
+  from adaptive.tasks import make_task
+
+  task = make_task(task_name, **options)
+  return [p.question for p in task.problems(split, count, seed=seed)]
+
+
+def heldout_check(quick: bool) -> dict:
+  """The held-out problems of every config's rl_eval are one list, and none of them is a
+  problem any training run draws (SFT's train examples, both GRPO runs' prompts)."""
+  from configs import markov_e2e_delethink, markov_e2e_longcot, markov_e2e_sft
+
+  arg = "quick" if quick else ""
+  configs = {
+    "sft": markov_e2e_sft.get_config(arg),
+    "delethink": markov_e2e_delethink.get_config(arg),
+    "longcot": markov_e2e_longcot.get_config(arg),
+  }
+  heldout = {}
+  for name, config in configs.items():
+    ev = config.rl_eval
+    heldout[name] = _questions(ev.task, dict(ev.task_options), "heldout", ev.heldout, ev.seed)
+  first = heldout["sft"]
+  sft = configs["sft"]
+  train = set(
+    _questions(
+      sft.data.source.split(":", 1)[1],
+      dict(sft.data.task_options),
+      "train",
+      sft.data.num_examples,
+      sft.data.corpus_seed,
+    )
+  )
+  for env in ENVS:
+    rl = configs[env]
+    count = rl.total_steps * rl.rl.prompts_per_step
+    train |= set(_questions(rl.rl.task, dict(rl.rl.task_options), "train", count, rl.seed))
+  digest = hashlib.blake2b("\x1e".join(first).encode(), digest_size=8).hexdigest()
+  return {
+    "same_problems_in_every_config": all(q == first for q in heldout.values()),
+    "heldout_fingerprint": digest,
+    "train_problems_checked": len(train),
+    "overlap_with_training": len(train & set(first)),
+  }
+
+
+# ----------------------------------------------------------------------------- claims
+
+
+def claims(r: dict) -> dict:
+  """The issue's four targets, each {met, target, numbers}, from the result's numbers."""
+  d, l, sft = r["delethink_rl_accuracy"], r["longcot_rl_accuracy"], r["sft_accuracy"]
+  de, le, se = (
+    r["delethink_rl_accuracy_stderr"],
+    r["longcot_rl_accuracy_stderr"],
+    r["sft_accuracy_stderr"],
+  )
+  curve = r["delethink_budget_curve"]
+  at_b = next(a for b, a in curve if b == r["training_budget_tokens"])
+  top_budget, top = curve[-1]
+  lc_at_b = next(a for b, a in r["longcot_budget_curve"] if b == r["training_budget_tokens"])
+  ds, ls = r["delethink_rollout_s_per_step"], r["longcot_rollout_s_per_step"]
+  return {
+    "delethink_matches_longcot": {
+      "met": bool(d >= l - SLACK),
+      "target": f"delethink_rl_accuracy >= longcot_rl_accuracy - {SLACK}",
+      "delethink_rl_accuracy": d,
+      "longcot_rl_accuracy": l,
+      "difference": d - l,
+      "difference_stderr": math.hypot(de, le),
+    },
+    "delethink_rl_beats_sft": {
+      "met": bool(d > sft),
+      "target": "delethink_rl_accuracy > sft_accuracy",
+      "delethink_rl_accuracy": d,
+      "sft_accuracy": sft,
+      "difference": d - sft,
+      "difference_stderr": math.hypot(de, se),
+    },
+    "delethink_scales_past_training_budget": {
+      "met": bool(top > at_b),
+      "target": "Delethink accuracy at 4x the training budget > at the training budget",
+      "training_budget_tokens": r["training_budget_tokens"],
+      "largest_budget_tokens": top_budget,
+      "accuracy_at_training_budget": at_b,
+      "accuracy_at_largest_budget": top,
+      "longcot_accuracy_at_training_budget": lc_at_b,
+      "longcot_accuracy_at_largest_budget": r["longcot_budget_curve"][-1][1],
+      "longcot_largest_budget_tokens": r["longcot_budget_curve"][-1][0],
+    },
+    "delethink_rollout_cheaper": {
+      "met": bool(ds < ls),
+      "target": "delethink_rollout_s_per_step < longcot_rollout_s_per_step",
+      "delethink_rollout_s_per_step": ds,
+      "longcot_rollout_s_per_step": ls,
+      "ratio_longcot_over_delethink": ls / ds if ds else None,
+    },
+  }
+
+
+# ----------------------------------------------------------------------------- assembling
+
+
+def git_commit() -> dict:
+  def git(*args):
+    return subprocess.run(
+      ["git", *args], capture_output=True, text=True, cwd=os.path.dirname(__file__)
+    ).stdout.strip()
+
+  return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "-uno"))}
+
+
+def task_sizes(s: common.Study) -> dict:
+  """What the issue asks of the task, measured on its options (reported, not enforced)."""
+  from adaptive.tasks import make_task
+
+  low, high = common.completion_tokens_range(s)
+  window = make_task(s.task, **s.task_options).markov_window_chars()
+  return {
+    "completion_tokens_range": [low, high],
+    "shortest_completion_over_chunk": low / s.chunk_size,
+    "markov_window_tokens": window,
+    "carry_holds_window": s.carryover - s.keep_head >= window,
+    "training_budget_holds_longest_completion": s.training_budget >= high,
+    "longest_query_tokens": common.longest_query_tokens(s),
+  }
+
+
+def accuracy_vs_rl_step(workdir: str, s: common.Study, sft_eval: dict) -> dict:
+  """Held-out accuracy at the training budget at step 0 (SFT), the intermediate checkpoints and
+  the end; and the sampled accuracy of each RL step's training rollouts (metrics.jsonl)."""
+  out = {}
+  for env in ENVS:
+    heldout = [[0, *at_training_budget(sft_eval, env, s).values()]]
+    for step in s.intermediate_steps():
+      evaluation = read_json(os.path.join(workdir, "evals", f"{env}_step{step}", "eval.json"))
+      heldout.append([step, *at_training_budget(evaluation, env, s).values()])
+    final = read_json(os.path.join(workdir, f"grpo_{env}", "eval.json"))
+    heldout.append([s.rl_steps, *at_training_budget(final, env, s).values()])
+    records = read_metrics(os.path.join(workdir, f"grpo_{env}"))
+    out[env] = {
+      "heldout": heldout,  # [step, accuracy, stderr, n]
+      "train_rollouts": [[r["step"], float(r["accuracy"])] for r in records],
+    }
+  out["note"] = (
+    "heldout: greedy, on the held-out problems at the training budget (step 0 = the SFT model "
+    f"under that environment); train_rollouts: each RL step's sampled rollouts (temperature "
+    f"{s.rl_temperature}, {s.prompts_per_step} training prompts x G = {s.group_size})"
+  )
+  return out
+
+
+def build(workdir: str, quick: bool, stages: list[dict], *, command: str) -> dict:
+  s = common.study("quick" if quick else "")
+  sft_eval = read_json(os.path.join(workdir, "sft", "eval.json"))
+  rl_eval = {env: read_json(os.path.join(workdir, f"grpo_{env}", "eval.json")) for env in ENVS}
+  r = {
+    "benchmark": "Delethink vs LongCoT end to end: SFT, GRPO in each environment, held-out "
+    "accuracy at and beyond the training budget, rollout cost",
+    "command": command,
+    "quick": quick,
+    "training_budget_tokens": s.training_budget,
+    "heldout_problems": int(sft_eval["problems"]),
+  }
+  headline = {
+    "sft_accuracy": at_training_budget(sft_eval, "longcot", s),
+    "sft_delethink_zero_shot_accuracy": at_training_budget(sft_eval, "delethink", s),
+    "delethink_rl_accuracy": at_training_budget(rl_eval["delethink"], "delethink", s),
+    "longcot_rl_accuracy": at_training_budget(rl_eval["longcot"], "longcot", s),
+  }
+  for name, value in headline.items():
+    r[name], r[f"{name}_stderr"], r[f"{name}_n"] = value["accuracy"], value["stderr"], value["n"]
+  r["delethink_budget_curve"] = budget_curve(rl_eval["delethink"], "delethink")
+  r["longcot_budget_curve"] = budget_curve(rl_eval["longcot"], "longcot")
+  r["sft_delethink_budget_curve"] = budget_curve(sft_eval, "delethink")
+  r["sft_longcot_budget_curve"] = budget_curve(sft_eval, "longcot")
+  timing = {env: rollout_timing(read_metrics(os.path.join(workdir, f"grpo_{env}"))) for env in ENVS}
+  for env in ENVS:
+    r[f"{env}_rollout_s_per_step"] = timing[env]["rollout_s_per_step"]
+    r[f"{env}_update_s_per_step"] = timing[env]["update_s_per_step"]
+  r["rollout_s_ratio_longcot_over_delethink"] = (
+    r["longcot_rollout_s_per_step"] / r["delethink_rollout_s_per_step"]
+  )
+  r["update_s_ratio_longcot_over_delethink"] = (
+    r["longcot_update_s_per_step"] / r["delethink_update_s_per_step"]
+  )
+  r["claims"] = claims(r)
+  r["accuracy_vs_rl_step"] = accuracy_vs_rl_step(workdir, s, sft_eval)
+  r["rl_timing"] = timing
+  r["heldout"] = heldout_check(quick) | {
+    "evaluations_report_the_same_count": len({e["problems"] for e in (sft_eval, *rl_eval.values())})
+    == 1
+  }
+  r["evaluations"] = {
+    "sft": {env: sft_eval[env]["curve"] for env in ENVS},
+    **{env: rl_eval[env][env]["curve"] for env in ENVS},
+  }
+  r["task"] = task_sizes(s)
+  r["settings"] = dataclasses.asdict(s) | {
+    "delethink_caps": list(s.delethink_caps()),
+    "longcot_budgets": list(s.longcot_budgets()),
+    "intermediate_steps": list(s.intermediate_steps()),
+  }
+  r["stages"] = stages
+  r["stage_seconds"] = {st["name"]: st["seconds"] for st in stages}
+  r["total_stage_seconds"] = sum(st["seconds"] for st in stages)
+  r["commands"] = [st["command"] for st in stages]
+  r["git"] = git_commit()
+  r["environment"] = {
+    "jax": metadata.version("jax"),
+    "flax": metadata.version("flax"),
+    "python": platform.python_version(),
+    "machine": platform.machine(),
+    "cpu_count": os.cpu_count(),
+    "load_average": [round(x, 2) for x in os.getloadavg()],
+  }
+  return r
+
+
+# ----------------------------------------------------------------------------- figure
+
+
+def plot(r: dict, path: str) -> bool:
+  try:
+    import matplotlib
+  except ImportError:
+    return False
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  colors = {"delethink": "tab:blue", "longcot": "tab:red"}
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+
+  ax = axes[0]
+  for env in ENVS:
+    series = r["accuracy_vs_rl_step"][env]
+    steps, acc, err = zip(*[(p[0], p[1], p[2]) for p in series["heldout"]], strict=True)
+    ax.errorbar(
+      steps, acc, yerr=err, marker="o", capsize=3, color=colors[env], label=f"{env} held-out"
+    )
+    steps, acc = zip(*series["train_rollouts"], strict=True)
+    ax.plot(
+      steps, acc, ls=":", color=colors[env], alpha=0.6, label=f"{env} train rollouts (sampled)"
+    )
+  ax.set_xlabel("RL step")
+  ax.set_ylabel(f"accuracy at B = {r['training_budget_tokens']} tokens")
+  ax.set_title("accuracy vs RL step", fontsize=10)
+
+  ax = axes[1]
+  for key, label, style in (
+    ("delethink_budget_curve", "Delethink RL", dict(color=colors["delethink"], marker="o")),
+    ("longcot_budget_curve", "LongCoT RL", dict(color=colors["longcot"], marker="o")),
+    (
+      "sft_delethink_budget_curve",
+      "SFT, Delethink zero-shot",
+      dict(color=colors["delethink"], marker="x", ls="--", alpha=0.7),
+    ),
+    (
+      "sft_longcot_budget_curve",
+      "SFT, LongCoT",
+      dict(color=colors["longcot"], marker="x", ls="--", alpha=0.7),
+    ),
+  ):
+    budgets, acc = zip(*r[key], strict=True)
+    ax.plot(budgets, acc, label=label, **style)
+  ax.axvline(r["training_budget_tokens"], color="gray", ls="-.", lw=1, label="training budget")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("test-time thinking budget (tokens)")
+  ax.set_ylabel("held-out accuracy")
+  ax.set_title(f"accuracy vs budget (n = {r['heldout_problems']})", fontsize=10)
+
+  ax = axes[2]
+  for env in ENVS:
+    timing = r["rl_timing"][env]
+    steps = list(range(1, len(timing["rollout_s_all_steps"]) + 1))
+    ax.plot(
+      steps, timing["rollout_s_all_steps"], marker=".", color=colors[env], label=f"{env} rollout"
+    )
+    ax.axhline(
+      timing["rollout_s_per_step"],
+      color=colors[env],
+      ls="--",
+      lw=1,
+      label=f"{env} mean (no compiles)",
+    )
+  ax.set_yscale("log")
+  ax.set_xlabel("RL step")
+  ax.set_ylabel("rollout seconds")
+  ratio = r["rollout_s_ratio_longcot_over_delethink"]
+  ax.set_title(f"rollout s per RL step (LongCoT / Delethink = {ratio:.2f})", fontsize=10)
+  for ax in axes:
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
+def write(r: dict, out: str, png: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+  r["png"] = os.path.basename(png) if plot(r, png) else None
+  write_result(out, r)

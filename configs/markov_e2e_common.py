@@ -1,0 +1,330 @@
+"""The one place that sizes the Markovian end-to-end study (python -m benchmarks.markov_e2e).
+
+configs/markov_e2e_sft.py, markov_e2e_delethink.py and markov_e2e_longcot.py are built from
+`Study` here, so the two GRPO runs cannot drift apart (same task, steps, G, prompts per step,
+learning rate, seed; LongCoT's budget is Delethink's C + (I - 1)(C - m)) and every evaluation
+sees the same held-out problems under the same decoding. Change a size in `FULL` (the study)
+or `QUICK` (the toy pipeline of the test suite); each config takes `:quick` as its argument:
+
+    python -m train.main --config=configs/markov_e2e_sft.py:quick --workdir=/tmp/sft_quick
+
+Derived, never set by hand: the training budget, every seq_len (longest chat-formatted query
+plus the longest worked completion, chunk or budget, in byte tokens), the GRPO batch sizes
+(one row per chunk), the evaluation caps and budgets (multiples of the training budget), and
+keep_checkpoints (every RL checkpoint is kept, for the intermediate evaluations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_collections
+
+from configs import lm_dense
+from train import data as data_lib
+from train import evaluate
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  """Every size of the study. Task lengths count steps; everything else counts tokens/steps."""
+
+  # The task: long_sum worked traces, one byte token per character (adaptive/tasks/long_sum.py).
+  task: str = "long_sum"
+  length: int = 40  # most steps per problem
+  min_length: int = 34  # fewest steps: the shortest worked trace is >= 4 C = 256 tokens
+  ops: str = "+"
+  modulus: int = 10
+  max_operand: int = 9
+  # Delethink: chunk C, carry m (holds keep_head + the task's 16-token Markov window), cap I.
+  chunk_size: int = 64
+  carryover: int = 32
+  keep_head: int = 8
+  max_chunks: int = 11  # training budget 64 + 10 x 32 = 384 >= the longest completion (353)
+  delethink_mode: str = "train"  # carry rule in RL and in every Delethink evaluation
+  # SFT on worked traces (LongCoT-formatted: one <think> block, then the boxed answer).
+  sft_steps: int = 300
+  sft_batch: int = 8
+  sft_learning_rate: float = 3e-3
+  sft_warmup: int = 40
+  sft_examples: int = 20_000  # train problems
+  sft_eval_every: int = 100  # held-out loss every this many steps (0 = never)
+  # GRPO, identical for both environments.
+  rl_steps: int = 20
+  group_size: int = 4  # G
+  prompts_per_step: int = 4
+  rl_learning_rate: float = 1e-4
+  minibatches: int = 2  # optimizer steps per RL step
+  rl_temperature: float = 1.0
+  rl_checkpoint_every: int = 5  # RL steps; also where intermediate evaluations can look
+  seed: int = 0
+  # Evaluation: the same held-out problems, greedy, for every model and environment.
+  heldout: int = 200
+  eval_seed: int = 0
+  eval_temperature: float = 0.0
+  budget_multiples: tuple[float, ...] = (0.5, 1, 2, 3, 4)  # x the training budget
+  intermediate_evals: int = 2  # RL checkpoints evaluated between 0 and the end (0 = none)
+  eval_batch_problems: int = 50
+  # Model: configs/lm_dense.py's shapes, float32, with these fields replaced.
+  model_overrides: tuple[tuple[str, object], ...] = ()
+
+  @property
+  def task_options(self) -> dict:
+    return dict(
+      length=self.length,
+      min_length=self.min_length,
+      ops=self.ops,
+      modulus=self.modulus,
+      max_operand=self.max_operand,
+    )
+
+  @property
+  def training_budget(self) -> int:
+    """Thinking tokens of one trace in training: C + (I - 1)(C - m), LongCoT's budget too."""
+    return self.chunk_size + (self.max_chunks - 1) * (self.chunk_size - self.carryover)
+
+  def delethink_caps(self) -> tuple[int, ...]:
+    """Chunk caps I' evaluated: per budget multiple, the smallest whose budget reaches it."""
+    step = self.chunk_size - self.carryover
+    caps = {
+      max(1, 1 + math.ceil((x * self.training_budget - self.chunk_size) / step))
+      for x in self.budget_multiples
+    }
+    return tuple(sorted(caps | {self.max_chunks}))
+
+  def longcot_budgets(self) -> tuple[int, ...]:
+    budgets = {max(1, round(x * self.training_budget)) for x in self.budget_multiples}
+    return tuple(sorted(budgets | {self.training_budget}))
+
+  def intermediate_steps(self) -> tuple[int, ...]:
+    """RL checkpoints evaluated besides the start (SFT) and the end: the saved steps nearest to
+    evenly spaced points of the run."""
+    every, total, count = self.rl_checkpoint_every, self.rl_steps, self.intermediate_evals
+    saved = list(range(every, total, every)) if every else []
+    if not saved or not count:
+      return ()
+    targets = [total * (i + 1) / (count + 1) for i in range(count)]
+    return tuple(sorted({min(saved, key=lambda s: abs(s - t)) for t in targets}))
+
+
+FULL = Study()
+
+QUICK = dataclasses.replace(
+  FULL,
+  length=6,
+  min_length=4,
+  chunk_size=24,
+  carryover=12,
+  keep_head=2,
+  max_chunks=2,
+  sft_steps=3,
+  sft_batch=4,
+  sft_warmup=1,
+  sft_examples=32,
+  sft_eval_every=0,
+  rl_steps=2,
+  group_size=2,
+  prompts_per_step=2,
+  rl_checkpoint_every=1,
+  heldout=8,
+  budget_multiples=(1, 4),
+  intermediate_evals=1,
+  eval_batch_problems=8,
+  model_overrides=(
+    ("dim", 32),
+    ("num_layers", 1),
+    ("num_heads", 2),
+    ("num_kv_heads", 1),
+    ("head_dim", 16),
+    ("mlp_dim", 64),
+  ),
+)
+
+
+def study(arg: str | None = None) -> Study:
+  """FULL, or QUICK for the config argument "quick" (configs/markov_e2e_*.py:quick)."""
+  if arg in (None, "", "full"):
+    return FULL
+  if arg == "quick":
+    return QUICK
+  raise ValueError(f"config argument {arg!r}: expected '' (the study) or 'quick'")
+
+
+# ----------------------------------------------------------------------------- token counts
+
+
+def _longest_problem(s: Study):
+  from adaptive.tasks import make_task
+
+  task = make_task(s.task, **s.task_options)
+  return task, task.problem_from_steps([(s.ops[0], s.max_operand)] * s.length)
+
+
+def longest_query_tokens(s: Study) -> int:
+  """Byte tokens of the longest chat-formatted query (BOS included): the question's length
+  depends only on the step count and the operands' digits, so the longest has them all."""
+  from adaptive.tasks import ChatTemplate
+
+  _, problem = _longest_problem(s)
+  return 1 + len(ChatTemplate.plain().render(problem.question).encode())
+
+
+def completion_tokens_range(s: Study) -> tuple[int, int]:
+  """(shortest, longest) worked SFT completion in byte tokens, the EOS included."""
+  from adaptive.tasks.answers import format_completion
+
+  task, _ = _longest_problem(s)
+  low, high = task.solution_chars_range()
+  answer = str(s.modulus - 1)
+  overhead = len(format_completion("", answer).encode()) + 1
+  return low + overhead - (len(answer) - 1), high + overhead
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def model_section() -> ml_collections.ConfigDict:
+  return lm_dense.get_config().model
+
+
+def base_config(s: Study) -> ml_collections.ConfigDict:
+  """Fields every run of the study shares: seed, mesh, rules, the model (float32)."""
+  c = ml_collections.ConfigDict()
+  c.seed = s.seed
+  c.eval_steps = 2
+  c.keep_checkpoints = 2
+  c.max_nonfinite_steps = 10
+  c.init_from = ""
+  c.profile_steps = ()
+  dense = lm_dense.get_config()
+  c.mesh = dense.mesh
+  c.logical_axis_rules = dense.logical_axis_rules
+  c.model = dense.model
+  c.model.dtype = "float32"
+  for field, value in s.model_overrides:
+    c.model[field] = value
+  return c
+
+
+def rl_eval(s: Study, envs: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """The evaluation of every stage: same problems, decoding and caps; `envs` differ."""
+  ev = evaluate.default_rl_eval_config()
+  ev.task = s.task
+  ev.task_options = ml_collections.ConfigDict(s.task_options)
+  ev.heldout = s.heldout
+  ev.seed = s.eval_seed
+  ev.envs = envs
+  ev.chunk_size = s.chunk_size
+  ev.carryover = s.carryover
+  ev.keep_head = s.keep_head
+  ev.mode = s.delethink_mode
+  ev.max_chunks = s.delethink_caps()
+  ev.longcot_budgets = s.longcot_budgets()
+  ev.temperature = s.eval_temperature
+  ev.batch_problems = s.eval_batch_problems
+  return ev
+
+
+def sft_config(s: Study) -> ml_collections.ConfigDict:
+  c = base_config(s)
+  c.objective = "sft"
+  c.total_steps = s.sft_steps
+  c.batch_size = s.sft_batch
+  c.seq_len = longest_query_tokens(s) + completion_tokens_range(s)[1]
+  c.checkpoint_every = 100
+  c.eval_every = s.sft_eval_every
+  c.log_every = 25
+  c.data_loading = "sharded"
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
+      learning_rate=s.sft_learning_rate,
+      schedule="cosine",
+      warmup_steps=s.sft_warmup,
+      min_learning_rate_ratio=0.1,
+      weight_decay=0.1,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      grad_clip_norm=1.0,
+      grad_accum_steps=1,
+    )
+  )
+  c.data = data_lib.default_data_config()
+  c.data.source = f"sft:{s.task}"
+  c.data.task_options = ml_collections.ConfigDict(s.task_options)
+  c.data.num_examples = s.sft_examples
+  c.data.eval_examples = 64
+  c.data.corpus_seed = s.seed
+  # SFT is LongCoT-formatted, so LongCoT first: its accuracy is the headline `accuracy`.
+  c.rl_eval = rl_eval(s, ("longcot", "delethink"))
+  return c
+
+
+def grpo_config(s: Study, env: str, init_from: str) -> ml_collections.ConfigDict:
+  """GRPO from the SFT checkpoints in `env`, at the training budget."""
+  c = base_config(s)
+  c.objective = "grpo"
+  c.total_steps = s.rl_steps
+  chunks = s.max_chunks if env == "delethink" else 1
+  longest_chunk = s.chunk_size if env == "delethink" else s.training_budget
+  c.batch_size = -(-s.prompts_per_step * s.group_size * chunks // s.minibatches)
+  c.seq_len = longest_query_tokens(s) + longest_chunk
+  c.checkpoint_every = s.rl_checkpoint_every
+  c.keep_checkpoints = s.rl_steps // max(1, s.rl_checkpoint_every) + 1
+  c.eval_every = 0  # held-out accuracy: python -m train.evaluate
+  c.log_every = 1
+  c.max_nonfinite_steps = 4
+  c.init_from = init_from
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
+      learning_rate=s.rl_learning_rate,
+      schedule="constant",
+      warmup_steps=0,
+      min_learning_rate_ratio=1.0,
+      weight_decay=0.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      grad_clip_norm=1.0,
+      grad_accum_steps=1,
+    )
+  )
+  c.rl = ml_collections.ConfigDict(
+    dict(
+      env=env,
+      chunk_size=s.chunk_size,
+      carryover=s.carryover,
+      max_chunks=s.max_chunks,
+      keep_head=s.keep_head,
+      mode=s.delethink_mode,
+      budget=s.training_budget,
+      task=s.task,
+      task_options=ml_collections.ConfigDict(s.task_options),
+      prompts_per_step=s.prompts_per_step,
+      temperature=s.rl_temperature,
+      top_p=1.0,
+      tokenizer="byte",
+      chat_template="auto",
+      require_think=True,
+      prompt_buckets=(),
+    )
+  )
+  c.grpo = ml_collections.ConfigDict(
+    dict(
+      advantage="grpo",
+      group_size=s.group_size,
+      clip_low=0.2,
+      clip_high=0.26,
+      dual_clip=3.0,
+      importance_cap=2.0,
+      kl_coef=0.0,
+      entropy_coef=0.0,
+      loss_agg="delethink",
+      norm_length=0,
+      std_eps=1e-6,
+      minibatches=s.minibatches,
+    )
+  )
+  c.rl_eval = rl_eval(s, (env,))
+  return c

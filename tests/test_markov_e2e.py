@@ -1,0 +1,186 @@
+"""benchmarks/markov_e2e.py --quick end to end (toy sizes: the pipeline, not the claims).
+
+One run of the whole pipeline through the CLIs (SFT, its evaluation, both GRPO runs, their
+evaluations and intermediate checkpoints), then a rerun that must skip every stage. The JSON is
+checked field by field against configs/markov_e2e_common.py's QUICK sizes, the standard-error
+formula is recomputed here, and the claims are recomputed from the JSON's own numbers and
+shown to follow them when the numbers change.
+"""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from cli_env import environment, finish
+
+from benchmarks import markov_e2e, markov_e2e_report
+from configs import markov_e2e_common as common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+S = common.QUICK
+ACCURACIES = (
+  "sft_accuracy",
+  "sft_delethink_zero_shot_accuracy",
+  "delethink_rl_accuracy",
+  "longcot_rl_accuracy",
+)
+FIELDS = (
+  *ACCURACIES,
+  "delethink_budget_curve",
+  "longcot_budget_curve",
+  "delethink_rollout_s_per_step",
+  "longcot_rollout_s_per_step",
+  "delethink_update_s_per_step",
+  "longcot_update_s_per_step",
+  "rollout_s_ratio_longcot_over_delethink",
+  "training_budget_tokens",
+  "heldout_problems",
+  "stage_seconds",
+  "commands",
+  "git",
+  "claims",
+  "accuracy_vs_rl_step",
+)
+CLAIMS = (
+  "delethink_matches_longcot",
+  "delethink_rl_beats_sft",
+  "delethink_scales_past_training_budget",
+  "delethink_rollout_cheaper",
+)
+
+
+def run_quick(workdir):
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "benchmarks.markov_e2e", "--quick", f"--workdir={workdir}"],
+    cwd=ROOT,
+    env=environment(1),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+  code, out = finish(proc, timeout=600)
+  assert code == 0, out[-4000:]
+  with open(workdir / "markov_e2e.json") as f:
+    return json.load(f), out
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("markov_e2e")
+  real = os.path.join(markov_e2e.RESULTS, "markov_e2e.json")
+  real_mtime = os.path.getmtime(real) if os.path.exists(real) else None
+  first, _ = run_quick(workdir)
+  second, out = run_quick(workdir)
+  # --quick never touches the study's results.
+  assert (os.path.getmtime(real) if os.path.exists(real) else None) == real_mtime
+  return workdir, first, second, out
+
+
+def test_every_field_is_there_with_the_quick_sizes(quick):
+  workdir, result, _, _ = quick
+  missing = [f for f in FIELDS if f not in result]
+  assert not missing, missing
+  assert result["quick"] is True
+  assert result["training_budget_tokens"] == S.training_budget
+  assert result["heldout_problems"] == S.heldout
+  assert result["png"] == "markov_e2e.png" and (workdir / "markov_e2e.png").exists()
+  assert [s["name"] for s in result["stages"]] == [
+    s.name for s in markov_e2e.plan(str(workdir), True)
+  ]
+  assert all(c.startswith("python -m train.") and ":quick" in c for c in result["commands"])
+  assert len(result["git"]["commit"]) == 40
+  for key in ("delethink_rollout_s_per_step", "longcot_rollout_s_per_step"):
+    assert result[key] > 0
+  assert result["heldout"]["same_problems_in_every_config"]
+  assert result["heldout"]["overlap_with_training"] == 0
+  assert result["heldout"]["evaluations_report_the_same_count"]
+
+
+def test_curves_have_one_point_per_setting(quick):
+  _, result, _, _ = quick
+  step = S.chunk_size - S.carryover
+  delethink = [S.chunk_size + (i - 1) * step for i in S.delethink_caps()]
+  for key in ("delethink_budget_curve", "sft_delethink_budget_curve"):
+    assert [b for b, _ in result[key]] == delethink
+  for key in ("longcot_budget_curve", "sft_longcot_budget_curve"):
+    assert [b for b, _ in result[key]] == list(S.longcot_budgets())
+  # Up to 4x the training budget, the training budget itself on both curves.
+  for key in ("delethink_budget_curve", "longcot_budget_curve"):
+    budgets = [b for b, _ in result[key]]
+    assert S.training_budget in budgets and budgets[-1] >= 4 * S.training_budget
+    assert all(0 <= a <= 1 for _, a in result[key])
+  by_step = result["accuracy_vs_rl_step"]
+  for env in ("delethink", "longcot"):
+    steps = [p[0] for p in by_step[env]["heldout"]]
+    assert steps == [0, *S.intermediate_steps(), S.rl_steps]
+    assert [p[0] for p in by_step[env]["train_rollouts"]] == list(range(1, S.rl_steps + 1))
+
+
+def test_each_accuracy_has_its_binomial_standard_error(quick):
+  _, result, _, _ = quick
+  for name in ACCURACIES:
+    p, n = result[name], result[f"{name}_n"]
+    assert n == S.heldout
+    assert result[f"{name}_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / n), abs=1e-12)
+  # The headline accuracies are the curves' points at the training budget.
+  curve = dict(result["delethink_budget_curve"])
+  assert result["delethink_rl_accuracy"] == curve[S.training_budget]
+  assert result["longcot_rl_accuracy"] == dict(result["longcot_budget_curve"])[S.training_budget]
+  assert result["sft_accuracy"] == dict(result["sft_longcot_budget_curve"])[S.training_budget]
+  zero_shot = dict(result["sft_delethink_budget_curve"])[S.training_budget]
+  assert result["sft_delethink_zero_shot_accuracy"] == zero_shot
+
+
+def test_claims_are_computed_from_the_numbers(quick):
+  _, result, _, _ = quick
+  claims = result["claims"]
+  assert set(claims) == set(CLAIMS)
+  d, l, sft = (result[k] for k in ("delethink_rl_accuracy", "longcot_rl_accuracy", "sft_accuracy"))
+  assert claims["delethink_matches_longcot"]["met"] == (d >= l - 0.03)
+  assert claims["delethink_rl_beats_sft"]["met"] == (d > sft)
+  curve = dict(result["delethink_budget_curve"])
+  top = result["delethink_budget_curve"][-1][1]
+  assert claims["delethink_scales_past_training_budget"]["met"] == (top > curve[S.training_budget])
+  ds, ls = result["delethink_rollout_s_per_step"], result["longcot_rollout_s_per_step"]
+  assert claims["delethink_rollout_cheaper"]["met"] == (ds < ls)
+
+  # Changing the numbers changes the verdicts.
+  changed = copy.deepcopy(result)
+  changed.update(delethink_rl_accuracy=0.5, longcot_rl_accuracy=0.6, sft_accuracy=0.4)
+  changed["delethink_budget_curve"] = [[b, 0.5] for b, _ in result["delethink_budget_curve"]]
+  changed["delethink_budget_curve"][-1][1] = 0.7
+  changed.update(delethink_rollout_s_per_step=1.0, longcot_rollout_s_per_step=2.0)
+  verdicts = {k: v["met"] for k, v in markov_e2e_report.claims(changed).items()}
+  assert verdicts == {
+    "delethink_matches_longcot": False,
+    "delethink_rl_beats_sft": True,
+    "delethink_scales_past_training_budget": True,
+    "delethink_rollout_cheaper": True,
+  }
+  changed.update(delethink_rl_accuracy=0.58, longcot_rollout_s_per_step=0.5)
+  verdicts = {k: v["met"] for k, v in markov_e2e_report.claims(changed).items()}
+  assert verdicts["delethink_matches_longcot"] and not verdicts["delethink_rollout_cheaper"]
+
+
+def test_a_rerun_skips_every_completed_stage(quick):
+  _, first, second, out = quick
+  assert all(s["skipped"] for s in second["stages"]), second["stages"]
+  assert not any(s["skipped"] for s in first["stages"])
+  assert second["stage_seconds"] == first["stage_seconds"]
+  assert out.count("complete, skipped") == len(first["stages"])
+  for key in (*ACCURACIES, "delethink_budget_curve", "longcot_budget_curve"):
+    assert second[key] == first[key]
+
+
+def test_a_stage_run_with_another_command_is_an_error(tmp_path):
+  stage = markov_e2e.plan(str(tmp_path), True)[0]
+  assert markov_e2e.completed(str(tmp_path), stage) is None
+  os.makedirs(tmp_path / "stages")
+  with open(markov_e2e.marker_path(str(tmp_path), stage), "w") as f:
+    json.dump({"command": stage.command.replace(":quick", ""), "seconds": 1.0}, f)
+  with pytest.raises(ValueError, match="use a fresh --workdir"):
+    markov_e2e.completed(str(tmp_path), stage)
