@@ -96,6 +96,51 @@ class Sampling:
     return self.temperature == 0
 
 
+@dataclasses.dataclass(frozen=True)
+class SelfSpeculative:
+  """Self-speculative decoding (`models.speculative`): the model drafts with its first layers.
+
+  Attributes:
+    draft_layers: E, blocks the drafter runs before the shared final norm and
+      LM head; in [1, num_layers - 1].
+    draft_tokens: k >= 1, tokens drafted before each verify pass.
+  """
+
+  draft_layers: int
+  draft_tokens: int = 4
+
+  def __post_init__(self):
+    for name in ("draft_layers", "draft_tokens"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"SelfSpeculative.{name}={value!r}: must be an integer >= 1")
+
+
+class SpeculativeStats(NamedTuple):
+  """Acceptance statistics of a self-speculative `generate` call.
+
+  Attributes:
+    drafted_B: int32 [B] draft tokens made for each row while it was live
+      (k per verify pass, rejected ones included).
+    accepted_B: int32 [B] drafts the full model accepted (before any cut by
+      an EOS or the budget inside the window).
+    verify_passes_B: int32 [B] verify passes while the row was live.
+    verify_passes: int32 [] loop iterations of the batch (each runs the
+      drafts and one verify pass for every row: the executed work).
+  """
+
+  drafted_B: jax.Array
+  accepted_B: jax.Array
+  verify_passes_B: jax.Array
+  verify_passes: jax.Array
+
+  @property
+  def acceptance_rate(self) -> float:
+    """Accepted drafts / drafted tokens over the batch (0 when nothing was drafted)."""
+    drafted = int(np.sum(self.drafted_B))
+    return int(np.sum(self.accepted_B)) / drafted if drafted else 0.0
+
+
 class Generation(NamedTuple):
   """What `generate` returns (N = max_new_tokens).
 
@@ -107,11 +152,13 @@ class Generation(NamedTuple):
       temperature, top-k and top-p (what RL importance ratios need); 0 after
       a row stopped.
     lengths_B: int32 [B] number of generated tokens per row, EOS included.
+    speculative: `SpeculativeStats` of a self-speculative call, else None.
   """
 
   tokens_BN: jax.Array
   logprobs_BN: jax.Array
   lengths_B: jax.Array
+  speculative: SpeculativeStats | None = None
 
 
 # -- sampling --------------------------------------------------------------------------
@@ -141,6 +188,29 @@ def _step_key(rng: jax.Array, step) -> jax.Array:
   return jax.random.fold_in(rng, step)
 
 
+def sampling_logits(logits_BV: jax.Array, mode: _SamplingMode, temperature, top_p) -> jax.Array:
+  """The logits sampling draws from: divided by temperature, top-k / top-p cut to -inf.
+
+  Any leading shape [..., V]; float32. (Not for greedy mode.)
+  """
+  scaled_BV = logits_BV.astype(jnp.float32) / temperature
+  neg_inf = jnp.array(-jnp.inf, jnp.float32)
+  vocab = scaled_BV.shape[-1]
+  if 0 < mode.top_k < vocab:
+    kth_B1 = jax.lax.top_k(scaled_BV, mode.top_k)[0][..., -1:]
+    scaled_BV = jnp.where(scaled_BV >= kth_B1, scaled_BV, neg_inf)
+  if mode.use_top_p:
+    sorted_BV = jnp.sort(scaled_BV, axis=-1, descending=True)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    # Mass strictly before each sorted token; keep tokens reached before top_p.
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    keep_BV = before_BV < top_p
+    # Smallest kept logit is the threshold (the first token is always kept).
+    threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    scaled_BV = jnp.where(scaled_BV >= threshold_B1, scaled_BV, neg_inf)
+  return scaled_BV
+
+
 def select_tokens(
   logits_BV: jax.Array,
   key: jax.Array,
@@ -158,21 +228,7 @@ def select_tokens(
   if mode.greedy:
     tokens_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   else:
-    scaled_BV = logits_BV / temperature
-    neg_inf = jnp.array(-jnp.inf, jnp.float32)
-    vocab = scaled_BV.shape[-1]
-    if 0 < mode.top_k < vocab:
-      kth_B1 = jax.lax.top_k(scaled_BV, mode.top_k)[0][:, -1:]
-      scaled_BV = jnp.where(scaled_BV >= kth_B1, scaled_BV, neg_inf)
-    if mode.use_top_p:
-      sorted_BV = jnp.sort(scaled_BV, axis=-1, descending=True)
-      probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-      # Mass strictly before each sorted token; keep tokens reached before top_p.
-      before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-      keep_BV = before_BV < top_p
-      # Smallest kept logit is the threshold (the first token is always kept).
-      threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-      scaled_BV = jnp.where(scaled_BV >= threshold_B1, scaled_BV, neg_inf)
+    scaled_BV = sampling_logits(logits_BV, mode, temperature, top_p)
     if _is_per_row(key):
       draw = lambda k, logits_V: jax.random.categorical(k, logits_V)
       tokens_B = jax.vmap(draw)(key, scaled_BV).astype(jnp.int32)
@@ -206,6 +262,8 @@ _TRACES: collections.Counter[str] = collections.Counter()
 
 def compile_counts() -> dict[str, int]:
   """Programs this module has traced so far, per jitted function ("prefill", "decode").
+
+  A self-speculative phase (`models.speculative`) counts as a "decode" program.
 
   Take the difference of two calls to count what a piece of code compiled:
   one `generate` call on a new (B, S, N, sampling mode) compiles at most
@@ -547,6 +605,7 @@ def generate(
   cache_dtype=None,
   cache_growth: float | None = 1.25,
   max_new_tokens_B=None,
+  speculative: SelfSpeculative | None = None,
 ) -> Generation:
   """Generates up to `max_new_tokens` tokens for every prompt of a batch.
 
@@ -573,9 +632,14 @@ def generate(
     max_new_tokens_B: optional int [B], each row's own budget in [0, N]: a row
       stops after that many tokens (0: the row generates nothing, e.g. a
       padding row). Default N for every row. Changing it does not recompile.
+    speculative: `SelfSpeculative(draft_layers=E, draft_tokens=k)` decodes
+      self-speculatively (`models.speculative`; the model needs `draft_step` /
+      `verify_step`): greedy output equal to plain greedy decoding, sampled
+      tokens distributed as plain sampling's (not the same samples).
 
   Returns:
-    `Generation(tokens_BN, logprobs_BN, lengths_B)`.
+    `Generation(tokens_BN, logprobs_BN, lengths_B)`, with `speculative`
+    acceptance statistics (`SpeculativeStats`) when decoding self-speculatively.
   """
   # Validate everything before anything is traced or compiled.
   if not isinstance(sampling, Sampling):
@@ -643,6 +707,10 @@ def generate(
       f"max_new_tokens={max_new_tokens}: S + max_new_tokens - 1 = {capacity} "
       f"exceeds the model's max_cache_length={max_capacity}"
     )
+  if speculative is not None:
+    from models import speculative as self_speculative  # it builds on this module
+
+    self_speculative.check(model, speculative)
 
   mode = _mode(sampling)
   # Host values go to the device with device_put, a plain transfer (jnp.asarray of
@@ -670,6 +738,10 @@ def generate(
     max_new_tokens=max_new_tokens,
     cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype),
   )
+  if speculative is not None:
+    return self_speculative.decode(
+      graphdef, state, cache, carry, knobs, mode=mode, capacities=capacities, spec=speculative
+    )
   for phase, phase_capacity in enumerate(capacities):
     decode = _grow_and_decode if phase else _decode
     carry, cache = decode(graphdef, state, cache, carry, knobs, mode=mode, capacity=phase_capacity)

@@ -446,9 +446,27 @@ class Transformer(nnx.Module):
     w_DV = self.lm_head.kernel[...].astype(self.config.compute_dtype)
     return jnp.einsum("bsd,dv->bsv", h_BSD, w_DV, preferred_element_type=jnp.float32)
 
-  def run_layers(self, x_BSD, positions_BS, segment_ids_BS, cache: kv_cache_lib.KVCache | None):
-    """Runs every block; returns (x_BSD, updated cache or None)."""
+  def run_layers(
+    self,
+    x_BSD,
+    positions_BS,
+    segment_ids_BS,
+    cache: kv_cache_lib.KVCache | None,
+    layers: tuple[int, int] | None = None,
+  ):
+    """Runs every block, or blocks [start, stop) of `layers`; returns (x_BSD, cache or None).
+
+    With a range only those layers' cache slices are read and written; the
+    others pass through unchanged (a caller holding the layers' caches as
+    separate arrays, as models.decoding does, gets no copy of them).
+    """
     graphdef, state = nnx.split(self.layers)
+    full = cache
+    if layers is not None:
+      start, stop = layers
+      state = jax.tree.map(lambda a: a[start:stop], state)
+      if cache is not None:
+        cache = jax.tree.map(lambda a: a[start:stop], cache)
 
     def body(carry, layer):
       x, kv = carry
@@ -457,6 +475,8 @@ class Transformer(nnx.Module):
       return (x, kv), None
 
     x_BSD, cache, _ = run_stacked(self.config, body, x_BSD, cache, state)
+    if layers is not None and cache is not None:
+      cache = jax.tree.map(lambda a, new: jnp.concatenate([a[:start], new, a[stop:]]), full, cache)
     return x_BSD, cache
 
   # -- entry points --
@@ -507,3 +527,28 @@ class Transformer(nnx.Module):
     """
     x_BSD, cache = self.run_layers(self.embed_tokens(tokens_BS), positions_BS, None, cache)
     return self.logits_from_hidden(x_BSD), cache
+
+  # -- self-speculative decoding (models.speculative) --
+
+  def draft_step(self, tokens_BT, positions_BT, cache, draft_layers: int):
+    """Draft pass: blocks [0, E) over the cache, then the shared final norm + LM head.
+
+    Writes the K/V of those E layers at `positions_BT`. Returns (logits_BTV
+    float32, exit_state, cache); exit_state is what `verify_step` resumes from,
+    here the hidden state after block E, [B, T, D]. Variants with another
+    drafter (e.g. an accelerated residual stream) override this pair.
+    """
+    x_BTD = self.embed_tokens(tokens_BT)
+    x_BTD, cache = self.run_layers(x_BTD, positions_BT, None, cache, (0, draft_layers))
+    return self.logits_from_hidden(x_BTD), x_BTD, cache
+
+  def verify_step(self, exit_state, positions_BT, cache, draft_layers: int):
+    """Verify pass: blocks [E, L) from `draft_step`'s exit_state, then the final norm + head.
+
+    Writes the K/V of those layers at `positions_BT`; the first E layers' K/V
+    are the draft's. Returns (logits_BTV float32, cache): the full model's
+    logits at those positions.
+    """
+    layers = (draft_layers, self.config.num_layers)
+    x_BTD, cache = self.run_layers(exit_state, positions_BT, None, cache, layers)
+    return self.logits_from_hidden(x_BTD), cache
