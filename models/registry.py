@@ -14,7 +14,7 @@ from typing import Any
 
 from flax import nnx
 
-from models import duo, early_exit, first, mod, transformer
+from models import duo, early_exit, first, m2r2, mod, transformer
 
 MODELS: dict[str, tuple[type, type]] = {
   "dense": (transformer.Config, transformer.Transformer),
@@ -22,6 +22,7 @@ MODELS: dict[str, tuple[type, type]] = {
   "duo": (duo.Config, duo.DuoTransformer),
   "first": (first.Config, first.FiRSTTransformer),
   "early_exit": (early_exit.Config, early_exit.EarlyExitTransformer),
+  "m2r2": (m2r2.Config, m2r2.M2R2Transformer),
 }
 
 
