@@ -298,3 +298,46 @@ def executed_train_flops(
   token).
   """
   return TRAIN_MULTIPLIER * executed_forward_flops(config, batch, seq_len, metrics)
+
+
+def self_speculative_pass_flops(
+  config: Any, batch: int, context_len: int, *, draft_layers: int, draft_tokens: int
+) -> float:
+  """FLOPs of one draft-and-verify iteration of self-speculative decoding (`models.speculative`).
+
+  E = draft_layers, k = draft_tokens, per row: k draft steps through blocks
+  [0, E) and the LM head (rejected drafts included), the k-th draft's own
+  position through blocks [0, E) (no head), then one verify pass through
+  blocks [E, L) and the head over the k + 1 positions. Each query attends over
+  `context_len` keys (the filled length; XLA's count of a fixed cache is its
+  capacity). Every row of the batch runs the whole pass (static shapes).
+  """
+  e, k, num_layers = draft_layers, draft_tokens, config.num_layers
+  per_token_layer = 2.0 * (
+    attention_projection_params(config) + mlp_params(config)
+  ) + decode_attention_flops(config, 1, context_len)
+  drafts = batch * (k + 1) * e * per_token_layer + k * lm_head_flops(config, batch)
+  verify = batch * (k + 1) * (num_layers - e) * per_token_layer
+  return drafts + verify + lm_head_flops(config, batch * (k + 1))
+
+
+def self_speculative_decode_flops(
+  config: Any,
+  verify_passes: int,
+  context_len: float,
+  *,
+  draft_layers: int,
+  draft_tokens: int,
+  batch: int = 1,
+) -> float:
+  """Executed FLOPs of the decode loop of a self-speculative `generate` (prefill excluded).
+
+  `verify_passes`: `SpeculativeStats.verify_passes` (loop iterations, every
+  row computing) with the call's batch, or a row's `verify_passes_B` with
+  batch=1 for what that row needed; `context_len`: the mean keys per query.
+  Plain decoding of the same tokens costs one dense step (L blocks + head)
+  per token: speculation executes more FLOPs, it saves sequential steps.
+  """
+  return verify_passes * self_speculative_pass_flops(
+    config, batch, context_len, draft_layers=draft_layers, draft_tokens=draft_tokens
+  )

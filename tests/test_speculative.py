@@ -14,7 +14,8 @@ import pytest
 import scipy.stats
 from flax import nnx
 
-from models import decoding, early_exit, mod, transformer
+from adaptive import flops
+from models import decoding, early_exit, mod, speculative, transformer
 
 TINY = dict(
   vocab_size=64, dim=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64
@@ -132,6 +133,47 @@ def test_drafts_are_always_accepted_when_the_last_layer_is_a_no_op(prompts, plai
   np.testing.assert_array_equal(stats.verify_passes_B, -(-(lengths - 1) // (k + 1)))
 
 
+def test_loop_never_copies_the_whole_cache(model):
+  """In the compiled while-loop body no op produces the stacked cache [L, B, T, K, D] or a
+  run of its layers: the draft and verify passes write each layer's cache in place."""
+  b, capacity, e, k = 8, S + N - 1, 2, 3
+  graphdef, state = nnx.split(model)
+  zeros_B = jnp.zeros(b, jnp.int32)
+  hlo = (
+    speculative._decode.lower(
+      graphdef,
+      state,
+      model.init_cache(b, capacity),
+      decoding._Carry(
+        jnp.int32(1),
+        zeros_B + 5,
+        zeros_B > 0,
+        jnp.zeros((b, N), jnp.int32),
+        jnp.zeros((b, N)),
+        zeros_B + 1,
+      ),
+      decoding.SpeculativeStats(zeros_B, zeros_B, zeros_B, jnp.int32(0)),
+      decoding._Knobs(
+        jnp.float32(1), jnp.float32(1), jnp.zeros((1,), jnp.int32), jnp.int32(0), jax.random.key(0)
+      ),
+      mode=decoding._mode(decoding.Sampling()),
+      capacity=capacity,
+      final=True,
+      draft_layers=e,
+      draft_tokens=k,
+    )
+    .compile()
+    .as_text()
+  )
+  body = [line for line in hlo.splitlines() if "while" in line and "body" in line]
+  c = CONFIG
+  layer = f"f32[{b},{capacity},{c.num_kv_heads},{c.head_dim}]"
+  assert sum(f"= {layer}" in line for line in body) >= 2 * c.num_layers  # in-place writes
+  for n in range(2, c.num_layers + 1):
+    stacked = f"f32[{n},{b},{capacity},{c.num_kv_heads},{c.head_dim}]"
+    assert not [line for line in body if f"= {stacked}" in line], n
+
+
 def test_early_exit_model_greedy_equals_plain(prompts):
   config = early_exit.Config(**TINY, exit_layers=(1,))
   model = early_exit.EarlyExitTransformer(config, rngs=nnx.Rngs(1))
@@ -227,3 +269,39 @@ def test_bad_inputs_raise_before_compiling(model, prompts):
     with pytest.raises(ValueError, match=message):
       decoding.generate(m, tokens, lengths, max_new_tokens=4, speculative=spec)
   assert _Compiles.count == before and decoding.compile_counts() == counts
+
+
+def test_flops_match_xla_cost_analysis():
+  """One draft-and-verify pass: k draft steps with the head, the k-th draft's own position
+  without it, the verify pass over k+1 positions; against XLA's count of those programs."""
+  config = transformer.Config(
+    vocab_size=4096, dim=256, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=64, mlp_dim=1024
+  )
+  model = transformer.Transformer(config, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  b, t, e, k = 2, 64, 1, 3
+  cache = model.init_cache(b, t)
+  state_BTD = jnp.zeros((b, k + 1, config.dim))
+  last_B1 = jnp.full((b, 1), t - 1, jnp.int32)  # every slot visible, as XLA counts them
+  verify_BT = jnp.full((b, k + 1), t - 1, jnp.int32)
+
+  def cost(fn, *args):
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis["flops"])
+
+  draft = lambda st, c: nnx.merge(graphdef, st).draft_step(last_B1 * 0, last_B1, c, e)  # noqa: E731
+  draft_no_head = lambda st, c: draft(st, c)[1:]  # noqa: E731
+  verify = lambda st, c: nnx.merge(graphdef, st).verify_step(state_BTD, verify_BT, c, e)  # noqa: E731
+  xla = (
+    k * cost(draft, state, cache) + cost(draft_no_head, state, cache) + cost(verify, state, cache)
+  )
+  ours = flops.self_speculative_pass_flops(config, b, t, draft_layers=e, draft_tokens=k)
+  print(f"self-speculative pass: ours/xla = {ours / xla:.3f}")
+  assert ours == pytest.approx(xla, rel=0.10), (ours, xla)
+  # Leaving out the rejected drafts' or the verify heads would miss by more than that.
+  assert abs(ours - k * flops.lm_head_flops(config, b) - xla) > 0.10 * xla
+  passes = 7
+  assert flops.self_speculative_decode_flops(
+    config, passes, t, draft_layers=e, draft_tokens=k, batch=b
+  ) == pytest.approx(passes * ours)
