@@ -5,6 +5,8 @@
     h_BSD, fast_LBSD = model.fast_states(tokens_BS)     # main stream's last state, a_1..a_L
     out = early_exit.generate(model, prompts_BS, lengths_B, max_new_tokens=64,
                               policy=early_exit.ExitPolicy(measure="classifier", threshold=0.9))
+    out = decoding.generate(model, prompts_BS, lengths_B, max_new_tokens=64,   # a_E drafts
+                            speculative=decoding.SelfSpeculative(draft_layers=2, draft_tokens=4))
 
 What is implemented (after Mixture of Multi-Rate Residuals, Bhendawade et al.
 2025, arXiv 2502.02040). The main ("slow") residual stream h_0..h_L is the
@@ -46,6 +48,11 @@ after exit e freezes both streams; later blocks still write its K/V computed
 from the frozen slow state h_e (CALM's copied state: what those blocks' K/V
 projections were trained on), and its logits come from head(a_e). A row that
 never leaves gets head(h_L), the dense model's logits.
+
+Self-speculative decoding (`draft_step`, used by `models.speculative`): the
+first E blocks draft from head(a_E); the inherited `verify_step` continues the
+slow stream from h_E through blocks E..L−1, so greedy output is the dense
+model's, token for token, whatever the adapters.
 
 How this differs from the paper (only its abstract and public summaries were
 available to us, so this lists what they state): the paper's fast stream runs
@@ -398,3 +405,23 @@ class M2R2Transformer(early_exit.EarlyExitTransformer):
     )
     (h_BSD, lead_BSD, _, exit_BS), cache, _ = transformer.run_stacked(c, body, carry, cache, xs)
     return self.logits_from_hidden(self._output_state(h_BSD, lead_BSD, exit_BS)), cache, exit_BS
+
+  # -- self-speculative drafting (models.speculative) --
+
+  def draft_step(self, tokens_BT, positions_BT, cache, draft_layers: int):
+    """Draft pass of self-speculative decoding from the accelerated stream.
+
+    Runs blocks [0, E) over the cache (writing their K/V), carrying the fast
+    stream along; the draft logits are head(a_E). exit_state is the slow state
+    h_E [B, T, D], from which the inherited `verify_step` runs blocks [E, L),
+    so the verified (emitted) tokens are the dense model's.
+    Returns (logits_BTV float32, h_BTD, cache).
+    """
+    down_LDR, up_LRD = self._adapter_xs()
+    h_BTD = self.embed_tokens(tokens_BT)
+    lead_BTD = jnp.zeros(h_BTD.shape, jnp.float32)
+    for layer in range(draft_layers):  # One block at a time: the lead needs each Δ_l.
+      y_BTD, cache = self.run_layers(h_BTD, positions_BT, None, cache, (layer, layer + 1))
+      lead_BTD = lead_BTD + adapter_lead(y_BTD - h_BTD, down_LDR[layer], up_LRD[layer])
+      h_BTD = y_BTD
+    return self.logits_from_hidden(h_BTD.astype(jnp.float32) + lead_BTD), h_BTD, cache

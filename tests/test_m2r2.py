@@ -266,3 +266,30 @@ def test_training_steps_report_aux(tmp_path):
   ):
     assert np.isfinite(last[key]), key
   assert last["step"] == 3
+
+
+def test_self_speculative_drafts_from_the_fast_stream_and_keeps_greedy_output():
+  model, e = _model(), 2
+  # One draft step after a 14-token prefill: head(a_E) of the formula, exit state h_E.
+  s = TOKENS.shape[1] - 1
+  cache = model.init_cache(3, s + 1)
+  _, cache = call(
+    model, "forward_cached", TOKENS[:, :s], jnp.broadcast_to(jnp.arange(s), (3, s)), cache
+  )
+  logits, exit_state, _ = call(
+    model, "draft_step", TOKENS[:, s:], jnp.full((3, 1), s), cache, draft_layers=e
+  )
+  h, a = _reference_streams(model, TOKENS)
+  np.testing.assert_allclose(exit_state[:, 0], h[e][:, s], atol=2e-5, rtol=1e-5)
+  want = call(model, "logits_from_hidden", jnp.asarray(a[e][:, s:], jnp.float32))
+  np.testing.assert_allclose(logits, want, atol=1e-4, rtol=1e-4)
+  dense_draft = call(model, "logits_from_hidden", jnp.asarray(h[e][:, s:], jnp.float32))
+  assert np.abs(np.asarray(logits) - np.asarray(dense_draft)).max() > 0.1  # Not the h_E draft.
+  # Greedy self-speculative output is plain greedy output, token for token.
+  plain = decoding.generate(model, PROMPTS, LENGTHS, max_new_tokens=STEPS + 1)
+  spec = decoding.SelfSpeculative(draft_layers=e, draft_tokens=3)
+  out = decoding.generate(model, PROMPTS, LENGTHS, max_new_tokens=STEPS + 1, speculative=spec)
+  np.testing.assert_array_equal(out.tokens_BN, plain.tokens_BN)
+  np.testing.assert_array_equal(out.lengths_B, plain.lengths_B)
+  np.testing.assert_allclose(out.logprobs_BN, plain.logprobs_BN, atol=1e-5)
+  assert int(np.sum(out.speculative.drafted_B)) > 0
