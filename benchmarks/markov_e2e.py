@@ -15,10 +15,11 @@ as a subprocess with its own workdir under --workdir:
   *_eval           each RL model on the same held-out problems along its budget curve
   *_eval_stepK     intermediate RL checkpoints at the training budget (accuracy vs RL step)
 
-A stage whose marker (WORKDIR/stages/NAME.json, written when its command exited 0) records
-the same command is skipped, so an interrupted study resumes where it stopped (a training
-stage killed midway resumes from its own last checkpoint); a marker with another command is
-an error (use a fresh --workdir). Each stage's output goes to WORKDIR/logs/NAME.log.
+A stage whose marker (WORKDIR/stages/NAME.json) says it finished with the same command and the
+same config values is skipped, so an interrupted study resumes where it stopped (a training
+stage killed midway resumes from its own last checkpoint); a marker with another command or
+other config values (sizes changed in configs/markov_e2e_common.py) is an error: use a fresh
+--workdir. Each stage's output goes to WORKDIR/logs/NAME.log.
 
 Then benchmarks/markov_e2e_report.py turns the workdir into benchmarks/results/markov_e2e.json
 and markov_e2e.png (with --quick: WORKDIR/markov_e2e.json and .png, never the real results).
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import importlib
 import json
 import os
 import re
@@ -49,12 +52,14 @@ CONFIGS = {
   "delethink": "configs/markov_e2e_delethink.py",
   "longcot": "configs/markov_e2e_longcot.py",
 }
+ENVS = ("delethink", "longcot")
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
   name: str
   argv: tuple[str, ...]  # after `python -m`
+  config: str  # fingerprint of the config file's resolved fields (the sizes it ran with)
 
   @property
   def command(self) -> str:
@@ -65,49 +70,50 @@ def config_flag(kind: str, quick: bool) -> str:
   return f"--config={CONFIGS[kind]}" + (":quick" if quick else "")
 
 
+def config_fingerprint(kind: str, quick: bool) -> str:
+  """A hash of every field of the config a stage runs (so a changed size is noticed)."""
+  module = importlib.import_module(f"configs.markov_e2e_{kind}")
+  fields = module.get_config("quick" if quick else "").to_json_best_effort(sort_keys=True)
+  return hashlib.blake2b(fields.encode(), digest_size=8).hexdigest()
+
+
 def plan(workdir: str, quick: bool) -> list[Stage]:
   """The study's stages in order; names double as marker and log names."""
   s = common.study("quick" if quick else "")
+  fingerprints = {kind: config_fingerprint(kind, quick) for kind in CONFIGS}
+
+  def stage(name, module, kind, run_dir, *extra):
+    argv = (module, config_flag(kind, quick), f"--workdir={run_dir}", *extra)
+    return Stage(name, argv, fingerprints[kind])
+
   sft_dir = os.path.join(workdir, "sft")
+  rl_dir = {env: os.path.join(workdir, f"grpo_{env}") for env in ENVS}
+  init = f"--config.init_from={os.path.join(sft_dir, 'checkpoints')}"
   stages = [
-    Stage("sft", ("train.main", config_flag("sft", quick), f"--workdir={sft_dir}")),
-    Stage(
-      "sft_eval",
-      ("train.evaluate", config_flag("sft", quick), f"--workdir={sft_dir}", "--output=eval.json"),
+    stage("sft", "train.main", "sft", sft_dir),
+    stage("sft_eval", "train.evaluate", "sft", sft_dir, "--output=eval.json"),
+    *(stage(f"grpo_{env}", "train.main", env, rl_dir[env], init) for env in ENVS),
+    *(
+      stage(f"{env}_eval", "train.evaluate", env, rl_dir[env], "--output=eval.json") for env in ENVS
     ),
   ]
-  init = f"--config.init_from={os.path.join(sft_dir, 'checkpoints')}"
-  for env in ("delethink", "longcot"):
-    run = os.path.join(workdir, f"grpo_{env}")
-    stages.append(
-      Stage(f"grpo_{env}", ("train.main", config_flag(env, quick), f"--workdir={run}", init))
-    )
-  for env in ("delethink", "longcot"):
-    run = os.path.join(workdir, f"grpo_{env}")
-    stages.append(
-      Stage(
-        f"{env}_eval",
-        ("train.evaluate", config_flag(env, quick), f"--workdir={run}", "--output=eval.json"),
-      )
-    )
-  at_budget = {
+  at_training_budget = {
     "delethink": f"--config.rl_eval.max_chunks=({s.max_chunks},)",
     "longcot": f"--config.rl_eval.longcot_budgets=({s.training_budget},)",
   }
-  for env in ("delethink", "longcot"):
+  for env in ENVS:
     for step in s.intermediate_steps():
-      checkpoint = os.path.join(workdir, f"grpo_{env}", "checkpoints", str(step))
+      checkpoint = os.path.join(rl_dir[env], "checkpoints", str(step))
+      eval_dir = os.path.join(workdir, "evals", f"{env}_step{step}")
       stages.append(
-        Stage(
+        stage(
           f"{env}_eval_step{step}",
-          (
-            "train.evaluate",
-            config_flag(env, quick),
-            f"--workdir={os.path.join(workdir, 'evals', f'{env}_step{step}')}",
-            f"--config.init_from={checkpoint}",
-            at_budget[env],
-            "--output=eval.json",
-          ),
+          "train.evaluate",
+          env,
+          eval_dir,
+          f"--config.init_from={checkpoint}",
+          at_training_budget[env],
+          "--output=eval.json",
         )
       )
   return stages
@@ -120,19 +126,29 @@ def marker_path(workdir: str, stage: Stage) -> str:
   return os.path.join(workdir, "stages", f"{stage.name}.json")
 
 
+def write_marker(workdir: str, stage: Stage, **fields) -> dict:
+  marker = {"command": stage.command, "config": stage.config, **fields}
+  os.makedirs(os.path.dirname(marker_path(workdir, stage)), exist_ok=True)
+  with open(marker_path(workdir, stage), "w") as f:
+    json.dump(marker, f, indent=1)
+  return marker
+
+
 def completed(workdir: str, stage: Stage) -> dict | None:
-  """The stage's marker if it finished with this command; ValueError if with another."""
+  """The stage's marker if it finished; None if it never ran or was interrupted (a rerun
+  resumes it); ValueError if it ran with another command or other config values."""
   path = marker_path(workdir, stage)
   if not os.path.exists(path):
     return None
   with open(path) as f:
     marker = json.load(f)
-  if marker.get("command") != stage.command:
+  if (marker.get("command"), marker.get("config")) != (stage.command, stage.config):
     raise ValueError(
-      f"--workdir={workdir}: stage {stage.name} was run there as\n  {marker.get('command')}\n"
-      f"not as\n  {stage.command}\n(another study's sizes?); use a fresh --workdir"
+      f"--workdir={workdir}: stage {stage.name} ran there as\n  {marker.get('command')}\n"
+      f"(config fingerprint {marker.get('config')}), this study runs\n  {stage.command}\n"
+      f"(config fingerprint {stage.config}): the sizes changed? use a fresh --workdir"
     )
-  return marker
+  return marker if marker.get("finished") else None
 
 
 def child_environment(workdir: str) -> dict:
@@ -148,6 +164,7 @@ def run_stage(workdir: str, stage: Stage, bar, verbose: bool) -> dict:
   """Runs the stage's command (output to its log, last line on the bar); writes its marker."""
   os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
   log_path = os.path.join(workdir, "logs", f"{stage.name}.log")
+  write_marker(workdir, stage, finished=None)  # a changed config is caught after a crash too
   started = time.perf_counter()
   with open(log_path, "wb") as log:
     proc = subprocess.Popen(
@@ -177,11 +194,7 @@ def run_stage(workdir: str, stage: Stage, bar, verbose: bool) -> dict:
       f"stage {stage.name} failed (exit {code}) after {seconds:.0f} s:\n  {stage.command}\n"
       f"last lines of {log_path}:\n{tail}"
     )
-  marker = {"command": stage.command, "seconds": seconds, "finished": time.time()}
-  os.makedirs(os.path.dirname(marker_path(workdir, stage)), exist_ok=True)
-  with open(marker_path(workdir, stage), "w") as f:
-    json.dump(marker, f, indent=1)
-  return marker
+  return write_marker(workdir, stage, seconds=seconds, finished=time.time())
 
 
 def run_all(workdir: str, stages: list[Stage], verbose: bool = False) -> list[dict]:
@@ -237,6 +250,7 @@ def main(argv=None) -> dict:
   report.write(result, args.out, args.png)
   print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict | list)}, indent=1))
   print(json.dumps(result["claims"], indent=1))
+  print("task sizes:", json.dumps(result["task"]))
   print(f"wrote {args.out}" + (f" and {args.png}" if result.get("png") else ""))
   return result
 

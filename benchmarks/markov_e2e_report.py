@@ -192,6 +192,8 @@ def claims(r: dict) -> dict:
       "delethink_rollout_s_per_step": ds,
       "longcot_rollout_s_per_step": ls,
       "ratio_longcot_over_delethink": ls / ds if ds else None,
+      "rollout_tokens_per_step": {e: r["rl_timing"][e]["rollout_tokens_per_step"] for e in ENVS},
+      "longest_context_tokens": {e: r["rl_timing"][e]["longest_context"] for e in ENVS},
     },
   }
 
@@ -282,9 +284,9 @@ def build(workdir: str, quick: bool, stages: list[dict], *, command: str) -> dic
   r["update_s_ratio_longcot_over_delethink"] = (
     r["longcot_update_s_per_step"] / r["delethink_update_s_per_step"]
   )
+  r["rl_timing"] = timing
   r["claims"] = claims(r)
   r["accuracy_vs_rl_step"] = accuracy_vs_rl_step(workdir, s, sft_eval)
-  r["rl_timing"] = timing
   r["heldout"] = heldout_check(quick) | {
     "evaluations_report_the_same_count": len({e["problems"] for e in (sft_eval, *rl_eval.values())})
     == 1

@@ -30,13 +30,18 @@ from train import evaluate
 class Study:
   """Every size of the study. Task lengths count steps; everything else counts tokens/steps."""
 
-  # The task: long_sum worked traces, one byte token per character (adaptive/tasks/long_sum.py).
+  # The task: a long-trace family member (adaptive/tasks/long_trace.py: long_sum, long_fsm, ...)
+  # and its make_task options; worked traces are ASCII, one byte token per character.
   task: str = "long_sum"
-  length: int = 40  # most steps per problem
-  min_length: int = 34  # fewest steps: the shortest worked trace is >= 4 C = 256 tokens
-  ops: str = "+"
-  modulus: int = 10
-  max_operand: int = 9
+  task_options: dict = dataclasses.field(
+    default_factory=lambda: dict(
+      length=40,  # most steps per problem
+      min_length=34,  # fewest steps: the shortest worked trace is >= 4 C = 256 tokens
+      ops="+",
+      modulus=10,
+      max_operand=9,
+    )
+  )
   # Delethink: chunk C, carry m (holds keep_head + the task's 16-token Markov window), cap I.
   chunk_size: int = 64
   carryover: int = 32
@@ -68,16 +73,6 @@ class Study:
   eval_batch_problems: int = 50
   # Model: configs/lm_dense.py's shapes, float32, with these fields replaced.
   model_overrides: tuple[tuple[str, object], ...] = ()
-
-  @property
-  def task_options(self) -> dict:
-    return dict(
-      length=self.length,
-      min_length=self.min_length,
-      ops=self.ops,
-      modulus=self.modulus,
-      max_operand=self.max_operand,
-    )
 
   @property
   def training_budget(self) -> int:
@@ -112,8 +107,7 @@ FULL = Study()
 
 QUICK = dataclasses.replace(
   FULL,
-  length=6,
-  min_length=4,
+  task_options=dict(length=6, min_length=4, ops="+", modulus=10, max_operand=9),
   chunk_size=24,
   carryover=12,
   keep_head=2,
@@ -155,18 +149,36 @@ def study(arg: str | None = None) -> Study:
 
 
 def _longest_problem(s: Study):
+  """(task, a problem with the longest question, the longest answer's characters).
+
+  A question's length depends only on the step count and the digits of the numbers it lists,
+  so the longest has the most steps and every number at its widest."""
   from adaptive.tasks import make_task
 
   task = make_task(s.task, **s.task_options)
-  return task, task.problem_from_steps([(s.ops[0], s.max_operand)] * s.length)
+  n = task.length
+  if s.task == "long_sum":
+    problem = task.problem_from_steps([(task.ops[0], task.max_operand)] * n)
+    return task, problem, len(str(task.modulus - 1))
+  if s.task == "long_fsm":
+    table = [
+      [(state + k) % task.states for k in range(task.symbols)] for state in range(task.states)
+    ]
+    return task, task.problem_from_machine(table, [0] * n), 1
+  if s.task == "long_recurrence":
+    widest, c = task.modulus - 1, task.max_coefficient
+    return task, task.problem_from_rule([widest, widest], (c, c), n), len(str(widest))
+  raise ValueError(
+    f"task={s.task!r}: configs/markov_e2e_common.py knows the longest problem of long_sum, "
+    "long_fsm and long_recurrence; add this task's to _longest_problem"
+  )
 
 
 def longest_query_tokens(s: Study) -> int:
-  """Byte tokens of the longest chat-formatted query (BOS included): the question's length
-  depends only on the step count and the operands' digits, so the longest has them all."""
+  """Byte tokens of the longest chat-formatted query, BOS included."""
   from adaptive.tasks import ChatTemplate
 
-  _, problem = _longest_problem(s)
+  _, problem, _ = _longest_problem(s)
   return 1 + len(ChatTemplate.plain().render(problem.question).encode())
 
 
@@ -174,11 +186,10 @@ def completion_tokens_range(s: Study) -> tuple[int, int]:
   """(shortest, longest) worked SFT completion in byte tokens, the EOS included."""
   from adaptive.tasks.answers import format_completion
 
-  task, _ = _longest_problem(s)
+  task, _, answer_chars = _longest_problem(s)
   low, high = task.solution_chars_range()
-  answer = str(s.modulus - 1)
-  overhead = len(format_completion("", answer).encode()) + 1
-  return low + overhead - (len(answer) - 1), high + overhead
+  around = len(format_completion("", "").encode()) + 1  # think tags, answer sentence, EOS
+  return low + around + 1, high + around + answer_chars
 
 
 # ----------------------------------------------------------------------------- sections
@@ -211,7 +222,7 @@ def rl_eval(s: Study, envs: tuple[str, ...]) -> ml_collections.ConfigDict:
   """The evaluation of every stage: same problems, decoding and caps; `envs` differ."""
   ev = evaluate.default_rl_eval_config()
   ev.task = s.task
-  ev.task_options = ml_collections.ConfigDict(s.task_options)
+  ev.task_options = ml_collections.ConfigDict(dict(s.task_options))
   ev.heldout = s.heldout
   ev.seed = s.eval_seed
   ev.envs = envs
@@ -252,7 +263,7 @@ def sft_config(s: Study) -> ml_collections.ConfigDict:
   )
   c.data = data_lib.default_data_config()
   c.data.source = f"sft:{s.task}"
-  c.data.task_options = ml_collections.ConfigDict(s.task_options)
+  c.data.task_options = ml_collections.ConfigDict(dict(s.task_options))
   c.data.num_examples = s.sft_examples
   c.data.eval_examples = 64
   c.data.corpus_seed = s.seed
@@ -300,7 +311,7 @@ def grpo_config(s: Study, env: str, init_from: str) -> ml_collections.ConfigDict
       mode=s.delethink_mode,
       budget=s.training_budget,
       task=s.task,
-      task_options=ml_collections.ConfigDict(s.task_options),
+      task_options=ml_collections.ConfigDict(dict(s.task_options)),
       prompts_per_step=s.prompts_per_step,
       temperature=s.rl_temperature,
       top_p=1.0,

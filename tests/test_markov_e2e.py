@@ -8,6 +8,7 @@ shown to follow them when the numbers change.
 """
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -176,11 +177,18 @@ def test_a_rerun_skips_every_completed_stage(quick):
     assert second[key] == first[key]
 
 
-def test_a_stage_run_with_another_command_is_an_error(tmp_path):
-  stage = markov_e2e.plan(str(tmp_path), True)[0]
-  assert markov_e2e.completed(str(tmp_path), stage) is None
-  os.makedirs(tmp_path / "stages")
-  with open(markov_e2e.marker_path(str(tmp_path), stage), "w") as f:
-    json.dump({"command": stage.command.replace(":quick", ""), "seconds": 1.0}, f)
-  with pytest.raises(ValueError, match="use a fresh --workdir"):
-    markov_e2e.completed(str(tmp_path), stage)
+def test_a_stage_run_with_another_command_or_config_is_an_error(tmp_path):
+  workdir = str(tmp_path)
+  stage = markov_e2e.plan(workdir, True)[0]
+  assert markov_e2e.completed(workdir, stage) is None
+  markov_e2e.write_marker(workdir, stage, finished=None)  # interrupted: run it again
+  assert markov_e2e.completed(workdir, stage) is None
+  markov_e2e.write_marker(workdir, stage, seconds=1.0, finished=1.0)
+  assert markov_e2e.completed(workdir, stage)["seconds"] == 1.0
+  for other in (
+    dataclasses.replace(stage, argv=tuple(a.replace(":quick", "") for a in stage.argv)),
+    dataclasses.replace(stage, config="another study's sizes"),
+  ):
+    markov_e2e.write_marker(workdir, other, seconds=1.0, finished=1.0)
+    with pytest.raises(ValueError, match="use a fresh --workdir"):
+      markov_e2e.completed(workdir, stage)
