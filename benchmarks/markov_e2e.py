@@ -52,7 +52,7 @@ CONFIGS = {
   "delethink": "configs/markov_e2e_delethink.py",
   "longcot": "configs/markov_e2e_longcot.py",
 }
-ENVS = ("delethink", "longcot")
+ENVS = report.ENVS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,4 +256,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except (ValueError, RuntimeError) as e:  # a reused workdir, a failed stage: one clear message
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -25,7 +25,6 @@ import platform
 import subprocess
 from importlib import metadata
 
-from benchmarks.isoflop import write_result
 from configs import markov_e2e_common as common
 
 ENVS = ("delethink", "longcot")
@@ -400,4 +399,6 @@ def plot(r: dict, path: str) -> bool:
 def write(r: dict, out: str, png: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
   r["png"] = os.path.basename(png) if plot(r, png) else None
-  write_result(out, r)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(r, f, indent=2)
