@@ -155,6 +155,7 @@ def corrupt_answer(answer: str) -> str:
 SFT_TASKS = [
   ("long_sum", {"length": 20, "ops": "+-*"}),
   ("long_fsm", {"length": 20}),
+  ("long_recurrence", {"length": 20, "max_coefficient": 3}),
   ("rg:chain_sum", {}),
   ("rg:basic_arithmetic", {}),
   ("math", {}),
@@ -249,6 +250,7 @@ SPLIT_TASKS = [
   ("rg:leg_counting", {"min_animals": 1, "max_animals": 1}),  # a small problem space
   ("math", {}),
   ("long_fsm", {"length": 4, "states": 2, "symbols": 2}),  # 2 tables x 16 input lists
+  ("long_recurrence", {"length": 3, "modulus": 3}),  # 9 start pairs x 3 lengths
 ]
 
 
@@ -345,8 +347,25 @@ def replay_fsm(question: str) -> tuple[str, list[str], list[str]]:
   return state, lines, states
 
 
+def replay_recurrence(question: str) -> tuple[str, list[str], list[int]]:
+  """Independent re-implementation of long_recurrence from its question text."""
+  a, b, p, q, modulus, steps = map(
+    int,
+    re.search(
+      r"\((\d+),(\d+)\).*\(b,(\d+)a\+(\d+)b mod (\d+)\)\. After (\d+) steps", question
+    ).groups(),
+  )
+  lines, states = [], []
+  for index in range(1, steps + 1):
+    a, b = b, (p * a + q * b) % modulus
+    lines.append(f"{index}:{a},{b}")
+    states.append(f"{a},{b}")
+  return str(b), lines, states
+
+
 # (task, options, replay, a regex that reads (step, state) from one trace line, K). K is stated
-# here, not read from the task: twice the longest line, "150:+9=9\n" and "150:A0>B\n".
+# here, not read from the task: twice the longest line, "150:+9=9\n", "150:A0>B\n" and
+# "150:11,11\n".
 LONG_CASES = [
   (
     "long_sum",
@@ -361,6 +380,13 @@ LONG_CASES = [
     replay_fsm,
     r"(\d+):[A-Z]\d>([A-Z])",
     18,
+  ),
+  (
+    "long_recurrence",
+    {"length": 150, "modulus": 100, "max_coefficient": 5},
+    replay_recurrence,
+    r"(\d+):(\d+,\d+)",
+    20,
   ),
 ]
 

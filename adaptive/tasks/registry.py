@@ -13,6 +13,7 @@ TASK_NAMES = (
   "math_jsonl:<glob>",
   "long_sum",
   "long_fsm",
+  "long_recurrence",
 )
 
 
@@ -29,6 +30,9 @@ def make_task(name: str, **options) -> Task:
                   min_length, ops, modulus, max_operand; see `adaptive.tasks.long_sum`).
   long_fsm        long-trace family: a state machine over a long input list (options: length,
                   min_length, states, symbols; see `adaptive.tasks.long_fsm`).
+  long_recurrence long-trace family: a two-term recurrence modulo M, e.g. Fibonacci (options:
+                  length, min_length, modulus, max_coefficient; see
+                  `adaptive.tasks.long_recurrence`).
   """
   if not isinstance(name, str):
     raise ValueError(f"task name {name!r}: expected one of {TASK_NAMES}")
@@ -51,11 +55,16 @@ def make_task(name: str, **options) -> Task:
     from adaptive.tasks.math_jsonl import MathJsonlTask
 
     return MathJsonlTask(argument, **options)
-  if name in ("long_sum", "long_fsm"):
+  if name in ("long_sum", "long_fsm", "long_recurrence"):
     from adaptive.tasks.long_fsm import LongFsmTask
+    from adaptive.tasks.long_recurrence import LongRecurrenceTask
     from adaptive.tasks.long_sum import LongSumTask
 
-    task_cls = LongSumTask if name == "long_sum" else LongFsmTask
+    task_cls = {
+      "long_sum": LongSumTask,
+      "long_fsm": LongFsmTask,
+      "long_recurrence": LongRecurrenceTask,
+    }[name]
     allowed = sorted(inspect.signature(task_cls).parameters)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
