@@ -32,21 +32,20 @@ class Study:
 
   # The task: a long-trace family member (adaptive/tasks/long_trace.py: long_sum, long_fsm, ...)
   # and its make_task options; worked traces are ASCII, one byte token per character.
-  task: str = "long_sum"
+  task: str = "long_recurrence"
   task_options: dict = dataclasses.field(
     default_factory=lambda: dict(
-      length=40,  # most steps per problem
-      min_length=34,  # fewest steps: the shortest worked trace is >= 4 C = 256 tokens
-      ops="+",
+      length=50,  # most steps per problem
+      min_length=38,  # fewest steps: the shortest worked trace is >= 4 C = 256 tokens
       modulus=10,
-      max_operand=9,
+      max_coefficient=1,  # Fibonacci mod 10: learnable by the CPU model, error-prone over 40 steps
     )
   )
-  # Delethink: chunk C, carry m (holds keep_head + the task's 16-token Markov window), cap I.
+  # Delethink: chunk C, carry m (holds keep_head + the task's 14-token Markov window), cap I.
   chunk_size: int = 64
   carryover: int = 32
   keep_head: int = 8
-  max_chunks: int = 11  # training budget 64 + 10 x 32 = 384 >= the longest completion (353)
+  max_chunks: int = 11  # training budget 64 + 10 x 32 = 384 >= the longest completion
   delethink_mode: str = "train"  # carry rule in RL and in every Delethink evaluation
   # SFT on worked traces (LongCoT-formatted: one <think> block, then the boxed answer).
   sft_steps: int = 300
@@ -56,9 +55,9 @@ class Study:
   sft_examples: int = 20_000  # train problems
   sft_eval_every: int = 100  # held-out loss every this many steps (0 = never)
   # GRPO, identical for both environments.
-  rl_steps: int = 20
+  rl_steps: int = 30
   group_size: int = 4  # G
-  prompts_per_step: int = 4
+  prompts_per_step: int = 8
   rl_learning_rate: float = 1e-4
   minibatches: int = 2  # optimizer steps per RL step
   rl_temperature: float = 1.0
@@ -107,7 +106,7 @@ FULL = Study()
 
 QUICK = dataclasses.replace(
   FULL,
-  task_options=dict(length=6, min_length=4, ops="+", modulus=10, max_operand=9),
+  task_options=dict(length=6, min_length=4, modulus=10, max_coefficient=1),
   chunk_size=24,
   carryover=12,
   keep_head=2,

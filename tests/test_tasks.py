@@ -365,7 +365,7 @@ def replay_recurrence(question: str) -> tuple[str, list[str], list[int]]:
 
 # (task, options, replay, a regex that reads (step, state) from one trace line, K). K is stated
 # here, not read from the task: twice the longest line, "150:+9=9\n", "150:A0>B\n" and
-# "150:11,11\n".
+# "150:99,99\n".
 LONG_CASES = [
   (
     "long_sum",
