@@ -36,9 +36,9 @@ Training (`__call__`; the trainer adds aux["losses"] to the final LM loss):
   Gradients: the fast stream reads sg(Δ_l) and the exit heads use stop-gradient
   copies of the final norm and head, so the exit CE and the alignment loss train
   only the adapters U, V; the router's BCE trains only the router; the LM loss
-  trains everything but the adapters and router. The language model therefore
-  trains exactly as the dense one would (with the same data and seed), and the
-  accelerated stream learns on top of it.
+  trains everything but the adapters and router. So the language model's
+  gradients are the dense model's; only a global gradient-norm clip (the
+  trainer's grad_clip_norm) couples the two, as it scales all gradients alike.
   aux["metrics"] reports early_exit's per-exit names (ce_exit{n}, agree_exit{n},
   exit_heads, classifier_*) measured on the fast stream, plus m2r2/align_exit{n}.
 
@@ -61,9 +61,10 @@ adapters", attending to the slow stream's shared KV cache, and decides exits
 with ARLA, a router attending over the residual latents; its adapters are
 trained on a frozen pre-trained model. Here the fast stream only re-weights
 each block's update with a low-rank adapter (no extra attention or MLP
-calls: 4·D·r FLOPs per layer and token), the router is CALM's linear classifier
-on a_e, and adapters train jointly with the model from scratch (their losses
-cannot reach the model through the stop-gradients).
+calls: 4·D·r FLOPs per layer and token, not yet in adaptive/flops.py), the
+router is CALM's linear classifier on a_e, and adapters train jointly with the
+model from scratch (their losses cannot reach the model through the
+stop-gradients).
 """
 
 from __future__ import annotations
