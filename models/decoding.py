@@ -14,7 +14,10 @@ hides them until decoding overwrites them). Then one jitted `lax.while_loop`
 feeds one token per row per step, each row at its own position, and stops a
 row at any of `eos_ids` (the EOS token is kept) or after its budget
 (`max_new_tokens`, or the row's own `max_new_tokens_B`); the loop ends as soon
-as every row has stopped.
+as every row has stopped. With `speculative=SelfSpeculative(draft_layers=E,
+draft_tokens=k)` the loop instead drafts k tokens per row with the model's
+first E layers and verifies them in one pass of the rest (`models/speculative.py`),
+same output for greedy decoding, same distribution for sampling.
 
 The cache grows in phases (`phase_capacities`: each about `cache_growth` times
 the last, at most `MAX_PHASES` of them, the last S + max_new_tokens - 1) so
