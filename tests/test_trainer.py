@@ -212,3 +212,28 @@ def test_weight_decay_skips_norms():
   mask = trainer.weight_decay_mask(nnx.state(abstract, nnx.Param))
   assert mask["layers"]["mlp"]["up"]["kernel"] and mask["embed"]
   assert not mask["layers"]["attn_norm"]["scale"] and not mask["final_norm"]["scale"]
+
+
+def test_eval_and_rescoring_run_without_layerskip_layer_drop():
+  """Evaluation and rollout re-scoring use the model in eval mode: no layer drop, no schedule."""
+  config = tiny_config()
+  config.model.kind = "early_exit"
+  with config.model.unlocked():
+    config.model.exit_layers = (1,)
+    config.model.layer_drop_max = 0.9
+  _, setup = make_setup(config)
+  state = setup.init()
+  batch = random_batch(2)
+  device_batch = trainer.device_batch(batch, setup)
+  first = setup.eval_step(state, device_batch)
+  second = setup.eval_step(state, device_batch)
+  model = nnx.merge(
+    setup.graphdef, jax.device_get(state["params"]), jax.device_get(state["model_state"])
+  )
+  model.eval()
+  logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+  logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
+  nll = -np.take_along_axis(np.asarray(logp), batch["targets"][..., None], -1)[..., 0]
+  expected = float((nll * batch["loss_mask"]).sum())
+  assert float(first["ce_sum"]) == float(second["ce_sum"])
+  assert float(first["ce_sum"]) == pytest.approx(expected, rel=1e-5)

@@ -213,9 +213,14 @@ def setup(
   batch_shardings = {k: batch_sharding for k in objective.batch_dtypes}
   lm_shardings = {k: batch_sharding for k in BATCH_FIELDS}
 
-  def forward(params, rest, mb):
-    """(logits_BSV, aux losses, aux metrics, new model_state) of one (micro-)batch."""
+  def forward(params, rest, mb, training=True):
+    """(logits_BSV, aux losses, aux metrics, new model_state) of one (micro-)batch.
+
+    training=False runs the model in NNX eval mode (`deterministic=True`): no LayerSkip layer
+    drop and no curriculum step, for evaluation and for re-scoring rollouts."""
     model = nnx.merge(graphdef, params, rest) if has_rest else nnx.merge(graphdef, params)
+    if not training:
+      model.eval()
     logits_BSV, aux = model(mb["tokens"], mb["positions"], mb["segment_ids"])
     new_rest = _split(model)[2].to_pure_dict() if has_rest else rest
     aux = aux or {}
@@ -313,7 +318,7 @@ def setup(
   rest_in_shardings = rest_shardings if has_rest else repl
 
   def eval_fn(params, rest, batch):
-    logits_BSV, _, _, _ = forward(params, rest, batch)
+    logits_BSV, _, _, _ = forward(params, rest, batch, training=False)
     ce_sum, count = masked_cross_entropy_sum(logits_BSV, batch["targets"], batch["loss_mask"])
     return {"ce_sum": ce_sum, "count": count}
 
@@ -328,7 +333,7 @@ def setup(
   def logprobs_fn(params, rest, batch):
     # In the train step's micro-batches, so a batch that trains also fits here.
     def one(mb):
-      return losses.token_logprobs(forward(params, rest, mb)[0], mb["targets"])
+      return losses.token_logprobs(forward(params, rest, mb, training=False)[0], mb["targets"])
 
     if grad_accum == 1:
       return one(batch)
