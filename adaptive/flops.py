@@ -272,10 +272,18 @@ def early_exit_decode_step_flops(
   return deepest * full_layer + propagated + checks + lm_head_flops(config, batch)
 
 
+def m2r2_adapter_flops(config: Any, tokens: int) -> float:
+  """The accelerated stream's adapters: U_l V_lᵀ Δ_l in every block, 2 matmuls of D x r per token."""
+  return config.num_layers * 4.0 * tokens * config.dim * config.adapter_rank
+
+
 def executed_forward_flops(
   config: Any, batch: int, seq_len: int, metrics: dict[str, float] | None = None
 ) -> float:
   """Forward FLOPs executed on [batch, seq_len], dispatching on the config's fields."""
+  if hasattr(config, "adapter_rank"):
+    adapters = m2r2_adapter_flops(config, batch * seq_len)
+    return early_exit_forward_flops(config, batch, seq_len, metrics) + adapters
   if hasattr(config, "exit_layers"):
     return early_exit_forward_flops(config, batch, seq_len, metrics)
   if hasattr(config, "routed_every") and hasattr(config, "capacity"):

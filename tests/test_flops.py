@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from adaptive import flops
-from models import duo, early_exit, first, mod, transformer
+from models import duo, early_exit, first, m2r2, mod, transformer
 
 # Matmuls dominate: wide layers, short rows, small vocabulary.
 WIDE = dict(
@@ -157,6 +157,19 @@ def test_early_exit_training_forward_matches_xla_cost_analysis():
   assert flops.executed_train_flops(config, b, s) == pytest.approx(
     3 * flops.executed_forward_flops(config, b, s)
   )
+
+
+def test_m2r2_training_forward_counts_its_adapters():
+  b, s = 2, 64
+  config = m2r2.Config(**EXITS, exit_layers=(1,), adapter_rank=WIDE["dim"])
+  xla = _xla_forward_flops(m2r2.M2R2Transformer(config, rngs=nnx.Rngs(0)), b, s)
+  masked_half = config.num_layers * flops.attention_score_flops(config, b, s)
+  ours = flops.executed_forward_flops(config, b, s) + masked_half
+  assert ours == pytest.approx(xla, rel=0.10), (ours, xla)
+  adapters = flops.m2r2_adapter_flops(config, b * s)
+  assert adapters == config.num_layers * 4 * b * s * config.dim * config.adapter_rank
+  assert abs(ours - xla) < abs(ours - adapters - xla)  # counting them brings us closer to XLA
+  print(f"m2r2 training forward: ours/xla = {ours / xla:.3f}")
 
 
 def test_early_exit_decode_step_matches_xla_cost_analysis():
