@@ -27,10 +27,15 @@ row generates exactly `--new_tokens`:
     `AutoModelForCausalLM` (torch, CPU, float32), `generate(do_sample=False,
     assistant_early_exit=E, num_assistant_tokens=k)` at batch 1 on the same prompts with the
     best LayerSkip (E, k): with a constant k (its confidence stop off) and with its default
-    confidence stop (0.4); the faster one is the peer. Its plain greedy `generate` too.
+    confidence stop (0.4); the faster one is the peer. Its plain greedy `generate` too. torch
+    runs on `--torch_threads` (1): on a shared 2-core machine its two OpenMP threads were
+    10-30x slower per token than one.
   * CALM (`early_exit.generate`, constant thresholds): per threshold, the average exit layer
     of the decoded tokens and their agreement with the dense model's greedy tokens
-    (position-wise fraction), for softmax top-1 − top-2 and the learned classifier.
+    (`agreement_with_full`, position-wise: one early difference changes the text after it),
+    and `token_agreement_teacher_forced`: the fraction of decoded tokens equal to the full
+    model's greedy token given the same preceding text (CALM's per-token consistency), for
+    softmax top-1 − top-2 and the learned classifier.
   * calibration (`adaptive.exits.calibrate_threshold`, Learn-then-Test): units are one
     random token per held-out document, teacher-forced at full depth; a unit disagrees at
     threshold λ when the first exit whose confidence reaches λ predicts another token than
@@ -43,6 +48,7 @@ smoke test, written under the workdir).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -91,6 +97,7 @@ def parse_args(argv=None):
   p.add_argument("--draft_tokens", default="3,5", help="k grid (drafts per verify pass)")
   p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (best kept)")
   p.add_argument("--peer_repeats", type=int, default=2, help="timed runs of the peer")
+  p.add_argument("--torch_threads", type=int, default=1, help="the peer's torch threads")
   p.add_argument("--thresholds", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95,0.99")
   p.add_argument("--calibration_units", type=int, default=300, help="units per held-out set")
   p.add_argument("--tolerance", type=float, default=0.1, help="calibration ε")
@@ -372,6 +379,10 @@ def speculative_section(model, tokens_PS, lengths_P, args) -> dict:
         }
         | speculative_totals(r["output"])
       )
+      # Each row's first token comes from the prefill, the other n - 1 from verify passes.
+      rows[-1]["tokens_per_verify_pass"] = round(
+        num_prompts * (n - 1) / max(rows[-1]["verify_passes_per_row"], 1), 3
+      )
     return {
       "batch": batch,
       "plain_tokens_per_s": round(plain_tps, 1),
@@ -417,6 +428,17 @@ def peer_section(model, tokenizer, prompt_ids, ours_PN, draft, args) -> dict:
   extra = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": 0}
   hf.save(model, model.config, path, extra_config=extra)
   peer = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  threads = torch.get_num_threads()
+  torch.set_num_threads(args.torch_threads)
+  try:
+    return _time_peer(peer, prompt_ids, ours_PN, draft, args)
+  finally:
+    torch.set_num_threads(threads)
+
+
+def _time_peer(peer, prompt_ids, ours_PN, draft, args) -> dict:
+  import torch
+
   e, k = draft
   n = args.new_tokens
 
@@ -472,6 +494,29 @@ def peer_section(model, tokenizer, prompt_ids, ours_PN, draft, args) -> dict:
 # -- CALM: agreement vs average exit layer, and calibration -----------------------------------
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _full_argmax(graphdef, state, tokens_BT):
+  """The full model's greedy next token at every position, teacher-forced: int [B, T]."""
+  model = nnx.merge(graphdef, state)
+  positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+  x_BTD, _ = model.run_layers(model.embed_tokens(tokens_BT), positions_BT, None, None)
+  return jnp.argmax(model.logits_from_hidden(x_BTD), axis=-1)
+
+
+def local_agreement(model, tokens_PS, lengths_P, generated_PN) -> float:
+  """Fraction of decoded tokens (the prefill's first one excluded) equal to the full model's
+  greedy token given the same text before it (CALM's per-token consistency)."""
+  p, s = tokens_PS.shape
+  n = generated_PN.shape[1]
+  seqs = np.zeros((p, s + n), np.int32)
+  for b, length in enumerate(lengths_P):
+    seqs[b, :length] = tokens_PS[b, :length]
+    seqs[b, length : length + n] = generated_PN[b]
+  full = np.asarray(_full_argmax(*nnx.split(model), seqs))
+  same = [full[b, lengths_P[b] : lengths_P[b] + n - 1] == generated_PN[b, 1:] for b in range(p)]
+  return float(np.mean(same))
+
+
 def calm_points(model, recipe, measures, tokens_PS, lengths_P, args, extra=()) -> list[dict]:
   """Per (measure, threshold): average exit layer and agreement with the dense greedy tokens."""
   n, batch = args.new_tokens, args.batch
@@ -503,6 +548,9 @@ def calm_points(model, recipe, measures, tokens_PS, lengths_P, args, extra=()) -
           "threshold": float(threshold),
           "avg_exit_layer": round(float(exits_PN[:, 1:].mean()), 4),
           "agreement_with_full": round(float((tokens_PN == dense_PN).mean()), 4),
+          "token_agreement_teacher_forced": round(
+            local_agreement(model, tokens_PS, lengths_P, tokens_PN), 4
+          ),
           "calibrated": calibrated,
         }
       )
@@ -658,6 +706,13 @@ def plot(result: dict, path: str) -> bool:
       marker=".",
       label=f"{recipe} {measure_name}",
     )
+    ax_calm.plot(
+      [p["avg_exit_layer"] for p in pts],
+      [p["token_agreement_teacher_forced"] for p in pts],
+      ls="--",
+      color=line.get_color(),
+      alpha=0.6,
+    )
     for p in pts:
       if p["calibrated"]:
         ax_calm.plot(
@@ -665,7 +720,10 @@ def plot(result: dict, path: str) -> bool:
         )
   ax_calm.set_xlabel("average exit layer (blocks run per decoded token)")
   ax_calm.set_ylabel("agreement with the full model's greedy tokens")
-  ax_calm.set_title("CALM decoding (★ calibrated threshold)", fontsize=9)
+  ax_calm.set_title(
+    "CALM decoding: solid position-wise, dashed per token given the same text (★ calibrated)",
+    fontsize=8,
+  )
   ax_calm.grid(alpha=0.3)
   ax_calm.legend(fontsize=7)
   fig.savefig(path, dpi=110)
@@ -900,6 +958,15 @@ def notes(result: dict) -> list[str]:
       f" units; {c['calibration_disagreement']} on them); measured on {c['fresh_units']} fresh"
       f" units: {c['fresh_disagreement']}."
     )
+  out.append(
+    "CALM agreement_with_full compares positions with the dense model's own text, so one early"
+    " difference makes the rest of a row disagree; token_agreement_teacher_forced is per token"
+    " given the same text (what the calibration's units measure, there at full-depth context)."
+  )
+  out.append(
+    "self_spec_speedup is the best of the batch-1 grid (a best-of pick, so slightly optimistic"
+    " under timing noise); self_spec_speedup_batch8 re-measures that configuration at batch 8."
+  )
   out.append(
     "Tiny models on a CPU: a decode step costs mostly fixed per-step work (dispatching the"
     " loop body, small matmuls), so a draft step of E of L blocks is not E/L of a full step;"

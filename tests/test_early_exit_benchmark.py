@@ -42,6 +42,7 @@ def test_quick_early_exit_benchmark_writes_its_fields(tmp_path, monkeypatch):
       assert p["avg_exit_layer"] == 1
     if p["threshold"] > 1:
       assert p["avg_exit_layer"] == layers and p["agreement_with_full"] == 1
+      assert p["token_agreement_teacher_forced"] == 1
   for calibration in result["calibration"].values():
     assert 0 <= calibration["certified_bound"] <= 1 and 0 <= calibration["fresh_disagreement"] <= 1
 
