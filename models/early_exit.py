@@ -46,6 +46,11 @@ left (`lax.cond`); an exit's confidence is computed only while a row is inside.
 The final logits come from the frozen states through the same norm and head.
 aux["metrics"] of training and `ExitGeneration.exit_layers_BN` of decoding feed
 `adaptive/flops.py`.
+
+A subclass can carry a second per-token stream through the exit loops
+(`init_stream`, `stream_xs`, `update_stream`), have its exits read something
+other than x (`exit_input`) and replace the training losses
+(`training_forward`): models/m2r2.py does, for its accelerated stream.
 """
 
 from __future__ import annotations
@@ -277,6 +282,37 @@ class EarlyExitTransformer(transformer.Transformer):
     key = jax.random.fold_in(jax.random.wrap_key_data(self.drop_key[...]), step)
     return (jax.random.uniform(key, (c.num_layers, batch)) >= p_L[:, None]).astype(bool)
 
+  # -- a second per-token stream (none here; models/m2r2.py overrides these four) --
+
+  def init_stream(self, x_BSD):
+    """The second stream's start from the embeddings x_0 (None here: there is none).
+
+    `forward_with_exits` and `forward_cached_exits` carry it, per token, next
+    to x through their blocks; the training forward does not (a subclass
+    replaces `training_forward` instead).
+    """
+    del x_BSD
+    return None
+
+  def stream_xs(self) -> tuple:
+    """Per-block inputs of `update_stream`, each with a leading layers axis; () here."""
+    return ()
+
+  def update_stream(self, stream, x_BSD, y_BSD, stream_xs_l):
+    """The stream after a block took x to y (y = x for a token that has left: it must not move)."""
+    del x_BSD, y_BSD, stream_xs_l
+    return stream
+
+  def exit_input(self, x_BSD, stream) -> jax.Array:
+    """The state an exit reads (its confidence and logits), [B, S, D]: x itself here."""
+    del stream
+    return x_BSD
+
+  def _output_state(self, x_BSD, stream, exit_layers_BS) -> jax.Array:
+    """What the final norm and head read: the exit input of a token that left early, else x_L."""
+    early_BS1 = (exit_layers_BS < self.config.num_layers)[..., None]
+    return jnp.where(early_BS1, self.exit_input(x_BSD, stream), x_BSD)
+
   # -- training --
 
   def __call__(
@@ -289,10 +325,12 @@ class EarlyExitTransformer(transformer.Transformer):
     loss_mask_BS=None,
     deterministic: bool | None = None,
   ):
-    """Training forward: (final logits_BSV float32, aux with "losses" and "metrics")."""
-    c = self.config
+    """Training forward: (final logits_BSV float32, aux with "losses" and "metrics").
+
+    Counts the call in t (unless deterministic), fills in the exit targets and
+    runs `training_forward`.
+    """
     tokens_BS = jnp.asarray(tokens_BS)
-    b, s = tokens_BS.shape
     if positions_BS is None:
       positions_BS = transformer.default_positions(tokens_BS, segment_ids_BS)
     if deterministic is None:
@@ -303,7 +341,27 @@ class EarlyExitTransformer(transformer.Transformer):
     if targets_BS is None:
       targets_BS, loss_mask_BS = next_token_targets(tokens_BS, segment_ids_BS)
     elif loss_mask_BS is None:
-      loss_mask_BS = jnp.ones((b, s), jnp.float32)
+      loss_mask_BS = jnp.ones(tokens_BS.shape, jnp.float32)
+    return self.training_forward(
+      tokens_BS,
+      positions_BS,
+      segment_ids_BS,
+      targets_BS=targets_BS,
+      loss_mask_BS=loss_mask_BS,
+      step=step,
+      deterministic=deterministic,
+    )
+
+  def training_forward(
+    self, tokens_BS, positions_BS, segment_ids_BS, *, targets_BS, loss_mask_BS, step, deterministic
+  ):
+    """`__call__` after its set-up: the layer loop with layer dropout and the exit losses.
+
+    targets_BS int, loss_mask_BS float32 [B, S]; step: t before this call.
+    Returns (final logits_BSV float32, aux with "losses" and "metrics").
+    """
+    c = self.config
+    b, s = tokens_BS.shape
     exits_E = np.asarray(c.early_exits)
     weights_E = self._exit_loss_weights(step)
     heads_needed = c.exit_loss != "none" or c.exit_classifier
@@ -373,10 +431,11 @@ class EarlyExitTransformer(transformer.Transformer):
   def forward_with_exits(self, tokens_BS, exit_layers_BS, positions_BS=None, segment_ids_BS=None):
     """Teacher-forced forward in which token (b, s) leaves after exit_layers_BS[b, s] blocks.
 
-    The token's state is frozen after that block; every later block still
-    computes its keys/values from the frozen state (what decoding with exits
-    writes into the cache), and its logits come from the frozen state.
-    exit_layers_BS int in [1, L] (L = no early exit). Returns logits_BSV float32.
+    The token's state (and stream) is frozen after that block; every later
+    block still computes its keys/values from the frozen state (what decoding
+    with exits writes into the cache), and its logits come from the frozen
+    state's `exit_input`. exit_layers_BS int in [1, L] (L = no early exit).
+    Returns logits_BSV float32.
     """
     c = self.config
     tokens_BS = jnp.asarray(tokens_BS)
@@ -386,16 +445,18 @@ class EarlyExitTransformer(transformer.Transformer):
     graphdef, block_state = nnx.split(self.layers)
 
     def body(carry, xs_l):
-      x_BSD, _ = carry
-      block_st, number = xs_l
+      (x_BSD, stream), _ = carry
+      block_st, number, stream_xs_l = xs_l
       y_BSD, _ = nnx.merge(graphdef, block_st)(x_BSD, positions_BS, segment_ids_BS)
-      return (jnp.where((number <= exit_layers_BS)[..., None], y_BSD, x_BSD), None), None
+      y_BSD = jnp.where((number <= exit_layers_BS)[..., None], y_BSD, x_BSD)
+      return ((y_BSD, self.update_stream(stream, x_BSD, y_BSD, stream_xs_l)), None), None
 
+    x_BSD = self.embed_tokens(tokens_BS)
     numbers_L = jnp.arange(1, c.num_layers + 1, dtype=jnp.int32)
-    x_BSD, _, _ = transformer.run_stacked(
-      c, body, self.embed_tokens(tokens_BS), None, (block_state, numbers_L)
+    (x_BSD, stream), _, _ = transformer.run_stacked(
+      c, body, (x_BSD, self.init_stream(x_BSD)), None, (block_state, numbers_L, self.stream_xs())
     )
-    return self.logits_from_hidden(x_BSD)
+    return self.logits_from_hidden(self._output_state(x_BSD, stream, exit_layers_BS))
 
   # -- decoding with exits --
 
@@ -411,11 +472,13 @@ class EarlyExitTransformer(transformer.Transformer):
   ):
     """Cached forward (a decode step, or a chunk) in which each token exits on its own.
 
-    A token leaves after the first early exit whose confidence (`measure`)
-    reaches its row's threshold (thresholds_B float [B]); with a static
-    `exit_layer` every token leaves after that many blocks instead (LayerSkip's
-    fixed early exit; no confidence is computed). Blocks after a token's exit
-    still write its K/V from its frozen state.
+    A token leaves after the first early exit whose confidence (`measure`, on
+    the `exit_input`; "cosine" compares it with the previous block's) reaches
+    its row's threshold (thresholds_B float [B]); with a static `exit_layer`
+    every token leaves after that many blocks instead (LayerSkip's fixed early
+    exit; no confidence is computed). Blocks after a token's exit still write
+    its K/V from its frozen state; its logits come from that state's
+    `exit_input`, a token that never left gets the final state's logits.
 
     Returns (logits_BSV float32, cache, exit_layers_BS int32 in [1, L]).
     """
@@ -441,8 +504,8 @@ class EarlyExitTransformer(transformer.Transformer):
     graphdef, block_state = nnx.split(self.layers)
 
     def body(carry, xs_l):
-      (x_BSD, live_BS, exit_BS), (k_BTKD, v_BTKD) = carry
-      block_st, number, full, check, w_D, bias = xs_l
+      (x_BSD, stream, live_BS, exit_BS), (k_BTKD, v_BTKD) = carry
+      block_st, number, full, check, stream_xs_l, w_D, bias = xs_l
       block = nnx.merge(graphdef, block_st)
 
       def write_kv(x, k_BTKD, v_BTKD):
@@ -451,8 +514,8 @@ class EarlyExitTransformer(transformer.Transformer):
         v_BTKD = kv_cache_lib.write(v_BTKD, v_BSKD, positions_BS)
         return q_BSHD, k_BTKD, v_BTKD
 
-      def run_block(args):  # Every row; rows that left keep their state (but wrote K/V).
-        x, k_BTKD, v_BTKD = args
+      def run_block(args):  # Every row; rows that left keep their state (but write K/V).
+        x, stream, k_BTKD, v_BTKD = args
         q_BSHD, k_BTKD, v_BTKD = write_kv(x, k_BTKD, v_BTKD)
         out_BSHD = transformer.attend(
           c,
@@ -464,23 +527,25 @@ class EarlyExitTransformer(transformer.Transformer):
         )
         y = x + block.attn.o_proj(out_BSHD)
         y = y + block.mlp(block.mlp_norm(y))
-        return jnp.where(live_BS[..., None], y, x), k_BTKD, v_BTKD
+        y = jnp.where(live_BS[..., None], y, x)
+        return y, self.update_stream(stream, x, y, stream_xs_l), k_BTKD, v_BTKD
 
       def propagate(args):  # Every row has left: only their K/V (queries are dead code).
-        x, k_BTKD, v_BTKD = args
+        x, stream, k_BTKD, v_BTKD = args
         _, k_BTKD, v_BTKD = write_kv(x, k_BTKD, v_BTKD)
-        return x, k_BTKD, v_BTKD
+        return x, stream, k_BTKD, v_BTKD
 
-      previous_BSD = x_BSD
-      args = (x_BSD, k_BTKD, v_BTKD)
+      previous_BSD = self.exit_input(x_BSD, stream)
+      args = (x_BSD, stream, k_BTKD, v_BTKD)
       if fixed:
-        x_BSD, k_BTKD, v_BTKD = _branch(full, run_block, propagate, args)
+        x_BSD, stream, k_BTKD, v_BTKD = _branch(full, run_block, propagate, args)
       else:
-        x_BSD, k_BTKD, v_BTKD = jax.lax.cond(jnp.any(live_BS), run_block, propagate, args)
+        x_BSD, stream, k_BTKD, v_BTKD = jax.lax.cond(jnp.any(live_BS), run_block, propagate, args)
 
         def decide(state):
           live_BS, exit_BS = state
-          conf_BS = self.exit_confidence(measure, x_BSD, previous_BSD, w_D, bias)
+          exit_input_BSD = self.exit_input(x_BSD, stream)
+          conf_BS = self.exit_confidence(measure, exit_input_BSD, previous_BSD, w_D, bias)
           leave_BS = live_BS & (conf_BS >= thresholds_B1)
           return live_BS & ~leave_BS, jnp.where(leave_BS, number, exit_BS)
 
@@ -488,13 +553,14 @@ class EarlyExitTransformer(transformer.Transformer):
           return jax.lax.cond(jnp.any(state[0]), decide, lambda st: st, state)
 
         live_BS, exit_BS = _branch(check, check_if_inside, lambda st: st, (live_BS, exit_BS))
-      return ((x_BSD, live_BS, exit_BS), (k_BTKD, v_BTKD)), None
+      return ((x_BSD, stream, live_BS, exit_BS), (k_BTKD, v_BTKD)), None
 
+    x_BSD = self.embed_tokens(tokens_BS)
     exit_BS = jnp.full((b, s), exit_layer if fixed else L, jnp.int32)
-    carry = (self.embed_tokens(tokens_BS), jnp.ones((b, s), bool), exit_BS)
-    xs = (block_state, numbers_L, full_L, check_L, *self._classifier_xs())
-    (x_BSD, _, exit_BS), cache, _ = transformer.run_stacked(c, body, carry, cache, xs)
-    return self.logits_from_hidden(x_BSD), cache, exit_BS
+    carry = (x_BSD, self.init_stream(x_BSD), jnp.ones((b, s), bool), exit_BS)
+    xs = (block_state, numbers_L, full_L, check_L, self.stream_xs(), *self._classifier_xs())
+    (x_BSD, stream, _, exit_BS), cache, _ = transformer.run_stacked(c, body, carry, cache, xs)
+    return self.logits_from_hidden(self._output_state(x_BSD, stream, exit_BS)), cache, exit_BS
 
 
 # -- generation ----------------------------------------------------------------------------------

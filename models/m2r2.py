@@ -23,7 +23,8 @@ K/V and adds nothing to the cache: it reads the slow stream's per-layer updates.
 Exits sit after `Config.exit_layers` and read a_e through the model's own final
 norm and LM head (the shared head of `models/early_exit.py`).
 
-Training (`__call__`; the trainer adds aux["losses"] to the final LM loss):
+Training (`training_forward`, run by early_exit's `__call__`; the trainer adds
+aux["losses"] to the final LM loss):
   * "early_exit/exit_ce": Σ_e w_e·CE(head(a_e)), w_e from `exit_loss` exactly as
     in early_exit ("calm": e/L; "layerskip": LayerSkip's scales, curricula
     allowed; "none": off).
@@ -42,10 +43,13 @@ Training (`__call__`; the trainer adds aux["losses"] to the final LM loss):
   aux["metrics"] reports early_exit's per-exit names (ce_exit{n}, agree_exit{n},
   exit_heads, classifier_*) measured on the fast stream, plus m2r2/align_exit{n}.
 
-Decoding (`forward_cached_exits`, so `early_exit.generate` runs M2R2 as is):
-CALM's per-row exits, with the confidence computed on a_e. A row that leaves
-after exit e freezes both streams; later blocks still write its K/V computed
-from the frozen slow state h_e (CALM's copied state: what those blocks' K/V
+Decoding (early_exit's `forward_cached_exits`, so `early_exit.generate` runs
+M2R2 as is): the lead is the second stream that early_exit's exit loops carry
+(`init_stream`, `stream_xs`, `update_stream`), and exits read a_e = h_e + c_e
+(`exit_input`); `forward_with_exits` is inherited the same way. CALM's
+per-row exits, with the confidence computed on a_e. A row that leaves after
+exit e freezes both streams; later blocks still write its K/V computed from
+the frozen slow state h_e (CALM's copied state: what those blocks' K/V
 projections were trained on), and its logits come from head(a_e). A row that
 never leaves gets head(h_L), the dense model's logits.
 
@@ -61,7 +65,7 @@ adapters", attending to the slow stream's shared KV cache, and decides exits
 with ARLA, a router attending over the residual latents; its adapters are
 trained on a frozen pre-trained model. Here the fast stream only re-weights
 each block's update with a low-rank adapter (no extra attention or MLP
-calls: 4·D·r FLOPs per layer and token, not yet in adaptive/flops.py), the
+calls: 4·D·r FLOPs per layer and token, `flops.m2r2_adapter_flops`), the
 router is CALM's linear classifier on a_e, and adapters train jointly with the
 model from scratch (their losses cannot reach the model through the
 stop-gradients).
@@ -73,12 +77,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from adaptive import exits
 from models import early_exit, transformer
-from models import kv_cache as kv_cache_lib
 from models.layers import param
 
 ALIGN_LOSSES = ("cosine", "mse")
@@ -193,31 +195,33 @@ class M2R2Transformer(early_exit.EarlyExitTransformer):
     )
     return h_BSD, fast_LBSD
 
+  # -- the lead c_l = a_l − h_l as early_exit's second stream --
+
+  def init_stream(self, x_BSD):
+    """c_0 = 0: a_0 = h_0, float32 [B, S, D]."""
+    return jnp.zeros(x_BSD.shape, jnp.float32)
+
+  def stream_xs(self) -> tuple:
+    """The adapters (V_LDR, U_LRD)."""
+    return self._adapter_xs()
+
+  def update_stream(self, stream, x_BSD, y_BSD, stream_xs_l):
+    """c_l = c_{l−1} + U_l V_lᵀ Δ_l with Δ_l = y − x (0 for a token that left: c stays)."""
+    down_DR, up_RD = stream_xs_l
+    return stream + adapter_lead(y_BSD - x_BSD, down_DR, up_RD)
+
+  def exit_input(self, x_BSD, stream) -> jax.Array:
+    """a = h + c, float32 [B, S, D]: exits decide and predict from the accelerated stream."""
+    return x_BSD.astype(jnp.float32) + stream
+
   # -- training --
 
-  def __call__(
-    self,
-    tokens_BS,
-    positions_BS=None,
-    segment_ids_BS=None,
-    *,
-    targets_BS=None,
-    loss_mask_BS=None,
-    deterministic: bool | None = None,
+  def training_forward(
+    self, tokens_BS, positions_BS, segment_ids_BS, *, targets_BS, loss_mask_BS, step, deterministic
   ):
-    """Training forward: (the dense model's logits_BSV float32, aux with "losses" and "metrics")."""
+    """(the dense model's logits_BSV float32, aux with the fast stream's "losses", "metrics")."""
+    del deterministic  # No layer dropout: the slow stream is the dense model.
     c = self.config
-    tokens_BS = jnp.asarray(tokens_BS)
-    b, s = tokens_BS.shape
-    if deterministic is None:
-      deterministic = self.deterministic
-    step = self.schedule_step[...]
-    if not deterministic:
-      self.schedule_step[...] = step + 1
-    if targets_BS is None:
-      targets_BS, loss_mask_BS = early_exit.next_token_targets(tokens_BS, segment_ids_BS)
-    elif loss_mask_BS is None:
-      loss_mask_BS = jnp.ones((b, s), jnp.float32)
     count = jnp.maximum(jnp.sum(loss_mask_BS), 1.0)
     masked_mean = lambda v_BS: jnp.sum(v_BS * loss_mask_BS) / count  # noqa: E731
 
@@ -259,154 +263,6 @@ class M2R2Transformer(early_exit.EarlyExitTransformer):
         losses["early_exit/classifier_bce"] = c.classifier_loss_weight * bce
     return logits_BSV, {"losses": losses, "metrics": metrics}
 
-  # -- teacher-forced under given exits --
-
-  def forward_with_exits(self, tokens_BS, exit_layers_BS, positions_BS=None, segment_ids_BS=None):
-    """Teacher-forced forward in which token (b, s) leaves after exit_layers_BS[b, s] blocks.
-
-    Both streams freeze after that block; later blocks compute the token's K/V
-    from its frozen slow state, and its logits come from head(a_e) (head(h_L)
-    for exit_layers_BS = L). Returns logits_BSV float32.
-    """
-    c = self.config
-    tokens_BS = jnp.asarray(tokens_BS)
-    if positions_BS is None:
-      positions_BS = transformer.default_positions(tokens_BS, segment_ids_BS)
-    exit_layers_BS = jnp.asarray(exit_layers_BS)
-    graphdef, block_state = nnx.split(self.layers)
-
-    def body(carry, xs_l):
-      (h_BSD, lead_BSD), _ = carry
-      block_st, number, down_DR, up_RD = xs_l
-      y_BSD, _ = nnx.merge(graphdef, block_st)(h_BSD, positions_BS, segment_ids_BS)
-      y_BSD = jnp.where((number <= exit_layers_BS)[..., None], y_BSD, h_BSD)
-      return ((y_BSD, lead_BSD + adapter_lead(y_BSD - h_BSD, down_DR, up_RD)), None), None
-
-    x_BSD = self.embed_tokens(tokens_BS)
-    numbers_L = jnp.arange(1, c.num_layers + 1, dtype=jnp.int32)
-    (h_BSD, lead_BSD), _, _ = transformer.run_stacked(
-      c,
-      body,
-      (x_BSD, jnp.zeros(x_BSD.shape, jnp.float32)),
-      None,
-      (block_state, numbers_L, *self._adapter_xs()),
-    )
-    return self.logits_from_hidden(self._output_state(h_BSD, lead_BSD, exit_layers_BS))
-
-  def _output_state(self, h_BSD, lead_BSD, exit_layers_BS):
-    """a_e = h + lead for tokens that left early, h_L for the others."""
-    early_BS1 = (exit_layers_BS < self.config.num_layers)[..., None]
-    return jnp.where(early_BS1, h_BSD.astype(jnp.float32) + lead_BSD, h_BSD)
-
-  # -- decoding with exits --
-
-  def forward_cached_exits(
-    self,
-    tokens_BS,
-    positions_BS,
-    cache: kv_cache_lib.KVCache,
-    *,
-    thresholds_B=None,
-    measure: str = "softmax_diff",
-    exit_layer: int | None = None,
-  ):
-    """early_exit's cached forward with exits, deciding and predicting from a_e.
-
-    A token leaves after the first early exit whose confidence (`measure`, on
-    a_e; "cosine" compares a_e with a_{e−1}) reaches its row's threshold
-    (thresholds_B float [B]), or after a static `exit_layer` blocks. Later
-    blocks still write its K/V from its frozen slow state h_e.
-    Returns (logits_BSV float32, cache, exit_layers_BS int32 in [1, L]).
-    """
-    c = self.config
-    L = c.num_layers
-    if measure not in exits.CONFIDENCE_MEASURES:
-      raise ValueError(f"measure={measure!r}; allowed: {exits.CONFIDENCE_MEASURES}")
-    if measure == "classifier" and not c.exit_classifier:
-      raise ValueError("measure='classifier' needs a model with model.exit_classifier=True")
-    fixed = exit_layer is not None
-    if fixed and not (early_exit._is_count(exit_layer) and 1 <= exit_layer <= L):
-      raise ValueError(f"exit_layer={exit_layer!r}: must be an integer in [1, {L}]")
-    if not fixed and thresholds_B is None:
-      raise ValueError("thresholds_B: required unless a fixed exit_layer is given")
-    b, s = tokens_BS.shape
-    kv_positions_BT = cache.kv_positions_BT()
-    numbers_L = np.arange(1, L + 1, dtype=np.int32)
-    if fixed:
-      full_L, check_L = numbers_L <= exit_layer, np.zeros(L, bool)
-    else:
-      full_L, check_L = None, self.is_exit_L()
-      thresholds_B1 = jnp.asarray(thresholds_B, jnp.float32).reshape(b, 1)
-    graphdef, block_state = nnx.split(self.layers)
-
-    def body(carry, xs_l):
-      (h_BSD, lead_BSD, live_BS, exit_BS), (k_BTKD, v_BTKD) = carry
-      block_st, number, full, check, down_DR, up_RD, w_D, bias = xs_l
-      block = nnx.merge(graphdef, block_st)
-
-      def write_kv(x, k_BTKD, v_BTKD):
-        q_BSHD, k_BSKD, v_BSKD = block.attn.project_qkv(block.attn_norm(x), positions_BS)
-        k_BTKD = kv_cache_lib.write(k_BTKD, k_BSKD, positions_BS)
-        v_BTKD = kv_cache_lib.write(v_BTKD, v_BSKD, positions_BS)
-        return q_BSHD, k_BTKD, v_BTKD
-
-      def run_block(args):  # Every row; rows that left keep both states (but write K/V).
-        x, lead, k_BTKD, v_BTKD = args
-        q_BSHD, k_BTKD, v_BTKD = write_kv(x, k_BTKD, v_BTKD)
-        out_BSHD = transformer.attend(
-          c,
-          q_BSHD,
-          k_BTKD.astype(q_BSHD.dtype),
-          v_BTKD.astype(q_BSHD.dtype),
-          positions=positions_BS,
-          kv_positions=kv_positions_BT,
-        )
-        y = x + block.attn.o_proj(out_BSHD)
-        y = jnp.where(live_BS[..., None], y + block.mlp(block.mlp_norm(y)), x)
-        # Δ = 0 for rows that left, so their lead (and a_e) stays exactly as it was.
-        return y, lead + adapter_lead(y - x, down_DR, up_RD), k_BTKD, v_BTKD
-
-      def propagate(args):  # Every row has left: only their K/V.
-        x, lead, k_BTKD, v_BTKD = args
-        _, k_BTKD, v_BTKD = write_kv(x, k_BTKD, v_BTKD)
-        return x, lead, k_BTKD, v_BTKD
-
-      previous_BSD = h_BSD.astype(jnp.float32) + lead_BSD
-      args = (h_BSD, lead_BSD, k_BTKD, v_BTKD)
-      if fixed:
-        h_BSD, lead_BSD, k_BTKD, v_BTKD = early_exit._branch(full, run_block, propagate, args)
-      else:
-        h_BSD, lead_BSD, k_BTKD, v_BTKD = jax.lax.cond(jnp.any(live_BS), run_block, propagate, args)
-
-        def decide(state):
-          live_BS, exit_BS = state
-          fast_BSD = h_BSD.astype(jnp.float32) + lead_BSD
-          conf_BS = self.exit_confidence(measure, fast_BSD, previous_BSD, w_D, bias)
-          leave_BS = live_BS & (conf_BS >= thresholds_B1)
-          return live_BS & ~leave_BS, jnp.where(leave_BS, number, exit_BS)
-
-        def check_if_inside(state):
-          return jax.lax.cond(jnp.any(state[0]), decide, lambda st: st, state)
-
-        live_BS, exit_BS = early_exit._branch(
-          check, check_if_inside, lambda st: st, (live_BS, exit_BS)
-        )
-      return ((h_BSD, lead_BSD, live_BS, exit_BS), (k_BTKD, v_BTKD)), None
-
-    x_BSD = self.embed_tokens(tokens_BS)
-    exit_BS = jnp.full((b, s), exit_layer if fixed else L, jnp.int32)
-    carry = (x_BSD, jnp.zeros(x_BSD.shape, jnp.float32), jnp.ones((b, s), bool), exit_BS)
-    xs = (
-      block_state,
-      numbers_L,
-      full_L,
-      check_L,
-      *self._adapter_xs(),
-      *self._classifier_xs(),
-    )
-    (h_BSD, lead_BSD, _, exit_BS), cache, _ = transformer.run_stacked(c, body, carry, cache, xs)
-    return self.logits_from_hidden(self._output_state(h_BSD, lead_BSD, exit_BS)), cache, exit_BS
-
   # -- self-speculative drafting (models.speculative) --
 
   def draft_step(self, tokens_BT, positions_BT, cache, draft_layers: int):
@@ -420,9 +276,9 @@ class M2R2Transformer(early_exit.EarlyExitTransformer):
     """
     down_LDR, up_LRD = self._adapter_xs()
     h_BTD = self.embed_tokens(tokens_BT)
-    lead_BTD = jnp.zeros(h_BTD.shape, jnp.float32)
+    lead_BTD = self.init_stream(h_BTD)
     for layer in range(draft_layers):  # One block at a time: the lead needs each Δ_l.
       y_BTD, cache = self.run_layers(h_BTD, positions_BT, None, cache, (layer, layer + 1))
-      lead_BTD = lead_BTD + adapter_lead(y_BTD - h_BTD, down_LDR[layer], up_LRD[layer])
+      lead_BTD = self.update_stream(lead_BTD, h_BTD, y_BTD, (down_LDR[layer], up_LRD[layer]))
       h_BTD = y_BTD
-    return self.logits_from_hidden(h_BTD.astype(jnp.float32) + lead_BTD), h_BTD, cache
+    return self.logits_from_hidden(self.exit_input(h_BTD, lead_BTD)), h_BTD, cache
