@@ -1,6 +1,10 @@
 """Delethink end to end at CPU scale: SFT, GRPO with Delethink and with LongCoT, evaluations.
 
-    python -m benchmarks.markov_e2e [--workdir=/tmp/markov_e2e] [--quick] [--verbose]
+    python -m benchmarks.markov_e2e [--study=full|signal|quick] [--workdir=DIR] [--verbose]
+
+`--study` picks a preset of configs/markov_e2e_common.py (`--quick` is `--study=quick`):
+`full` the study below; `signal` a short task and LongCoT GRPO only (does GRPO raise held-out
+accuracy from an SFT checkpoint that solves 30-70 %?); `quick` the toy pipeline of the tests.
 
 Every stage is a command a user would run (`python -m train.main` / `python -m train.evaluate`
 with a config file of configs/, whose sizes all come from configs/markov_e2e_common.py), run
@@ -11,7 +15,7 @@ as a subprocess with its own workdir under --workdir:
                    training budget) and zero-shot under Delethink (caps up to 4x)
   grpo_delethink   GRPO, Delethink env (C, m, I), from the SFT checkpoints
   grpo_longcot     GRPO, LongCoT env at budget C + (I - 1)(C - m), the same steps, G, prompts,
-                   learning rate and seed
+                   learning rate and seed (a preset's `envs` says which of the two run)
   *_eval           each RL model on the same held-out problems along its budget curve
   *_eval_stepK     intermediate RL checkpoints at the training budget (accuracy vs RL step)
 
@@ -21,8 +25,9 @@ stage killed midway resumes from its own last checkpoint); a marker with another
 other config values (sizes changed in configs/markov_e2e_common.py) is an error: use a fresh
 --workdir. Each stage's output goes to WORKDIR/logs/NAME.log.
 
-Then benchmarks/markov_e2e_report.py turns the workdir into benchmarks/results/markov_e2e.json
-and markov_e2e.png (with --quick: WORKDIR/markov_e2e.json and .png, never the real results).
+Then benchmarks/markov_e2e_report.py turns the workdir into benchmarks/results/NAME.json and
+NAME.png, NAME the preset's `name` (markov_e2e, markov_signal; with --quick:
+WORKDIR/markov_e2e.json and .png, never the real results). The default workdir is /tmp/NAME.
 Unless JAX_COMPILATION_CACHE_DIR is set, the stages share a compilation cache in the workdir
 (the evaluations rebuild the rollout programs the training runs compiled).
 """
@@ -52,7 +57,6 @@ CONFIGS = {
   "delethink": "configs/markov_e2e_delethink.py",
   "longcot": "configs/markov_e2e_longcot.py",
 }
-ENVS = report.ENVS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,42 +70,49 @@ class Stage:
     return " ".join(("python", "-m", *self.argv))
 
 
-def config_flag(kind: str, quick: bool) -> str:
-  return f"--config={CONFIGS[kind]}" + (":quick" if quick else "")
+def config_arg(study: str) -> str:
+  """The config argument of a preset: '' for the full study (its commands carry none)."""
+  return "" if study == "full" else study
 
 
-def config_fingerprint(kind: str, quick: bool) -> str:
+def config_flag(kind: str, study: str) -> str:
+  arg = config_arg(study)
+  return f"--config={CONFIGS[kind]}" + (f":{arg}" if arg else "")
+
+
+def config_fingerprint(kind: str, study: str) -> str:
   """A hash of every field of the config a stage runs (so a changed size is noticed)."""
   module = importlib.import_module(f"configs.markov_e2e_{kind}")
-  fields = module.get_config("quick" if quick else "").to_json_best_effort(sort_keys=True)
+  fields = module.get_config(config_arg(study)).to_json_best_effort(sort_keys=True)
   return hashlib.blake2b(fields.encode(), digest_size=8).hexdigest()
 
 
-def plan(workdir: str, quick: bool) -> list[Stage]:
+def plan(workdir: str, study: str) -> list[Stage]:
   """The study's stages in order; names double as marker and log names."""
-  s = common.study("quick" if quick else "")
-  fingerprints = {kind: config_fingerprint(kind, quick) for kind in CONFIGS}
+  s = common.study(study)
+  fingerprints = {kind: config_fingerprint(kind, study) for kind in ("sft", *s.envs)}
 
   def stage(name, module, kind, run_dir, *extra):
-    argv = (module, config_flag(kind, quick), f"--workdir={run_dir}", *extra)
+    argv = (module, config_flag(kind, study), f"--workdir={run_dir}", *extra)
     return Stage(name, argv, fingerprints[kind])
 
   sft_dir = os.path.join(workdir, "sft")
-  rl_dir = {env: os.path.join(workdir, f"grpo_{env}") for env in ENVS}
+  rl_dir = {env: os.path.join(workdir, f"grpo_{env}") for env in s.envs}
   init = f"--config.init_from={os.path.join(sft_dir, 'checkpoints')}"
   stages = [
     stage("sft", "train.main", "sft", sft_dir),
     stage("sft_eval", "train.evaluate", "sft", sft_dir, "--output=eval.json"),
-    *(stage(f"grpo_{env}", "train.main", env, rl_dir[env], init) for env in ENVS),
+    *(stage(f"grpo_{env}", "train.main", env, rl_dir[env], init) for env in s.envs),
     *(
-      stage(f"{env}_eval", "train.evaluate", env, rl_dir[env], "--output=eval.json") for env in ENVS
+      stage(f"{env}_eval", "train.evaluate", env, rl_dir[env], "--output=eval.json")
+      for env in s.envs
     ),
   ]
   at_training_budget = {
     "delethink": f"--config.rl_eval.max_chunks=({s.max_chunks},)",
     "longcot": f"--config.rl_eval.longcot_budgets=({s.training_budget},)",
   }
-  for env in ENVS:
+  for env in s.envs:
     for step in s.intermediate_steps():
       checkpoint = os.path.join(rl_dir[env], "checkpoints", str(step))
       eval_dir = os.path.join(workdir, "evals", f"{env}_step{step}")
@@ -225,16 +236,22 @@ def run_all(workdir: str, stages: list[Stage], verbose: bool = False) -> list[di
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--workdir", default="/tmp/markov_e2e", help="every stage's workdir goes here")
-  p.add_argument("--quick", action="store_true", help="the toy sizes of configs' QUICK")
+  p.add_argument("--study", choices=sorted(common.STUDIES), default="full", help="the preset")
+  p.add_argument("--quick", action="store_true", help="--study=quick: the toy sizes of QUICK")
+  p.add_argument("--workdir", default=None, help="every stage's workdir (default /tmp/NAME)")
   p.add_argument("--verbose", action="store_true", help="echo every stage's output")
   p.add_argument("--out", default=None, help="JSON path (default: see the module docstring)")
   p.add_argument("--png", default=None, help="PNG path (default: next to the JSON)")
   args = p.parse_args(argv)
-  args.workdir = os.path.abspath(args.workdir)
+  if args.quick:
+    if args.study not in ("full", "quick"):
+      p.error(f"--quick and --study={args.study}: pick one")
+    args.study = "quick"
+  name = common.study(args.study).name
+  args.workdir = os.path.abspath(args.workdir or os.path.join("/tmp", name))
   if args.out is None:
-    folder = args.workdir if args.quick else RESULTS
-    args.out = os.path.join(folder, "markov_e2e.json")
+    folder = args.workdir if args.study == "quick" else RESULTS
+    args.out = os.path.join(folder, f"{name}.json")
   if args.png is None:
     args.png = os.path.splitext(args.out)[0] + ".png"
   return args
@@ -243,13 +260,15 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
   args = parse_args(argv)
   os.makedirs(args.workdir, exist_ok=True)
-  stages = plan(args.workdir, args.quick)
+  stages = plan(args.workdir, args.study)
   stage_records = run_all(args.workdir, stages, verbose=args.verbose)
   command = " ".join(["python -m benchmarks.markov_e2e", *(sys.argv[1:] if argv is None else argv)])
-  result = report.build(args.workdir, args.quick, stage_records, command=command)
+  result = report.build(args.workdir, args.study, stage_records, command=command)
   report.write(result, args.out, args.png)
   print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict | list)}, indent=1))
-  print(json.dumps(result["claims"], indent=1))
+  print(
+    json.dumps(result.get("claims", {}) | {"learning_signal": result["learning_signal"]}, indent=1)
+  )
   print("task sizes:", json.dumps(result["task"]))
   print(f"wrote {args.out}" + (f" and {args.png}" if result.get("png") else ""))
   return result

@@ -1,6 +1,6 @@
 """The Markovian end-to-end study's results, read from its workdir: JSON fields, claims, figure.
 
-`build(workdir, quick, stages, command)` reads what the stages of benchmarks/markov_e2e.py
+`build(workdir, study, stages, command)` reads what the stages of benchmarks/markov_e2e.py
 wrote (each evaluation's eval.json, each GRPO run's metrics.jsonl) and returns the result dict;
 `write` saves it as JSON and draws the PNG. Nothing here is fixed in advance: every accuracy,
 curve, time and claim is computed from those files.
@@ -8,8 +8,11 @@ curve, time and claim is computed from those files.
 Accuracies are at the training budget B = C + (I - 1)(C - m) on the same held-out problems:
 `sft_accuracy` (the SFT model under LongCoT inference, its training format),
 `sft_delethink_zero_shot_accuracy` (the same model under Delethink inference, no RL),
-`delethink_rl_accuracy`, `longcot_rl_accuracy`; each with `_stderr` = sqrt(p (1 - p) / n) and
-`_n` = n (problems x samples). Rollout seconds per RL step are means over the RL steps that
+`delethink_rl_accuracy`, `longcot_rl_accuracy` (those of the preset's `envs` only); each with
+`_stderr` = sqrt(p (1 - p) / n) and `_n` = n (problems x samples). `learning_signal` compares
+each RL model with its step 0 (the SFT model in the same environment) on the same problems: the
+difference, its standard error and a two-proportion z test (unpooled SE, two-sided p; the
+problems are shared, so with positively correlated outcomes the test is conservative). Rollout seconds per RL step are means over the RL steps that
 compiled no XLA program (metrics.jsonl's rollout_compiles == 0; the first step compiles every
 rollout program), or over all steps when every step compiled.
 """
@@ -102,16 +105,15 @@ def _questions(task_name: str, options: dict, split: str, count: int, seed: int)
   return [p.question for p in task.problems(split, count, seed=seed)]
 
 
-def heldout_check(quick: bool) -> dict:
+def heldout_check(study: str) -> dict:
   """The held-out problems of every config's rl_eval are one list, and none of them is a
-  problem any training run draws (SFT's train examples, both GRPO runs' prompts)."""
-  from configs import markov_e2e_delethink, markov_e2e_longcot, markov_e2e_sft
+  problem any training run draws (SFT's train examples, every GRPO run's prompts)."""
+  import importlib
 
-  arg = "quick" if quick else ""
+  envs = common.study(study).envs
   configs = {
-    "sft": markov_e2e_sft.get_config(arg),
-    "delethink": markov_e2e_delethink.get_config(arg),
-    "longcot": markov_e2e_longcot.get_config(arg),
+    kind: importlib.import_module(f"configs.markov_e2e_{kind}").get_config(study)
+    for kind in ("sft", *envs)
   }
   heldout = {}
   for name, config in configs.items():
@@ -128,7 +130,7 @@ def heldout_check(quick: bool) -> dict:
       sft.data.corpus_seed,
     )
   )
-  for env in ENVS:
+  for env in envs:
     rl = configs[env]
     count = rl.total_steps * rl.rl.prompts_per_step
     train |= set(_questions(rl.rl.task, dict(rl.rl.task_options), "train", count, rl.seed))
@@ -136,12 +138,46 @@ def heldout_check(quick: bool) -> dict:
   return {
     "same_problems_in_every_config": all(q == first for q in heldout.values()),
     "heldout_fingerprint": digest,
+    "distinct_heldout_questions": len(set(first)),
     "train_problems_checked": len(train),
     "overlap_with_training": len(train & set(first)),
   }
 
 
 # ----------------------------------------------------------------------------- claims
+
+
+def two_proportion_test(p0: float, n0: int, p1: float, n1: int) -> dict:
+  """p1 - p0 with its unpooled standard error, z and the two-sided normal p-value."""
+  se = math.sqrt(p0 * (1 - p0) / n0 + p1 * (1 - p1) / n1) if n0 and n1 else 0.0
+  z = (p1 - p0) / se if se else 0.0
+  return {
+    "difference": p1 - p0,
+    "difference_stderr": se,
+    "z": z,
+    "p_value_two_sided": math.erfc(abs(z) / math.sqrt(2)),
+  }
+
+
+def learning_signal(by_step: dict, envs: tuple[str, ...]) -> dict:
+  """Per env: held-out accuracy at step 0 (SFT) and at the end, and the test of the change;
+  met = the end is higher at p < 0.05."""
+  out = {}
+  for env in envs:
+    (_, p0, se0, n0), (step, p1, se1, n1) = by_step[env]["heldout"][0], by_step[env]["heldout"][-1]
+    test = two_proportion_test(p0, n0, p1, n1)
+    out[env] = {
+      "met": bool(test["difference"] > 0 and test["p_value_two_sided"] < 0.05),
+      "target": "held-out accuracy after RL > at step 0, two-proportion z test, p < 0.05",
+      "step0_accuracy": p0,
+      "step0_stderr": se0,
+      "rl_steps": step,
+      "rl_accuracy": p1,
+      "rl_stderr": se1,
+      "n": n1,
+      **test,
+    }
+  return out
 
 
 def claims(r: dict) -> dict:
@@ -229,7 +265,7 @@ def accuracy_vs_rl_step(workdir: str, s: common.Study, sft_eval: dict) -> dict:
   """Held-out accuracy at the training budget at step 0 (SFT), the intermediate checkpoints and
   the end; and the sampled accuracy of each RL step's training rollouts (metrics.jsonl)."""
   out = {}
-  for env in ENVS:
+  for env in s.envs:
     heldout = [[0, *at_training_budget(sft_eval, env, s).values()]]
     for step in s.intermediate_steps():
       evaluation = read_json(os.path.join(workdir, "evals", f"{env}_step{step}", "eval.json"))
@@ -249,50 +285,53 @@ def accuracy_vs_rl_step(workdir: str, s: common.Study, sft_eval: dict) -> dict:
   return out
 
 
-def build(workdir: str, quick: bool, stages: list[dict], *, command: str) -> dict:
-  s = common.study("quick" if quick else "")
+def build(workdir: str, study: str, stages: list[dict], *, command: str) -> dict:
+  s = common.study(study)
+  envs = s.envs
   sft_eval = read_json(os.path.join(workdir, "sft", "eval.json"))
-  rl_eval = {env: read_json(os.path.join(workdir, f"grpo_{env}", "eval.json")) for env in ENVS}
+  rl_eval = {env: read_json(os.path.join(workdir, f"grpo_{env}", "eval.json")) for env in envs}
   r = {
     "benchmark": "Delethink vs LongCoT end to end: SFT, GRPO in each environment, held-out "
     "accuracy at and beyond the training budget, rollout cost",
     "command": command,
-    "quick": quick,
+    "study": study,
+    "quick": study == "quick",
     "training_budget_tokens": s.training_budget,
     "heldout_problems": int(sft_eval["problems"]),
   }
-  headline = {
-    "sft_accuracy": at_training_budget(sft_eval, "longcot", s),
-    "sft_delethink_zero_shot_accuracy": at_training_budget(sft_eval, "delethink", s),
-    "delethink_rl_accuracy": at_training_budget(rl_eval["delethink"], "delethink", s),
-    "longcot_rl_accuracy": at_training_budget(rl_eval["longcot"], "longcot", s),
-  }
+  headline = {"sft_accuracy": at_training_budget(sft_eval, "longcot", s)}
+  if "delethink" in envs:
+    headline["sft_delethink_zero_shot_accuracy"] = at_training_budget(sft_eval, "delethink", s)
+  for env in envs:
+    headline[f"{env}_rl_accuracy"] = at_training_budget(rl_eval[env], env, s)
   for name, value in headline.items():
     r[name], r[f"{name}_stderr"], r[f"{name}_n"] = value["accuracy"], value["stderr"], value["n"]
-  r["delethink_budget_curve"] = budget_curve(rl_eval["delethink"], "delethink")
-  r["longcot_budget_curve"] = budget_curve(rl_eval["longcot"], "longcot")
-  r["sft_delethink_budget_curve"] = budget_curve(sft_eval, "delethink")
-  r["sft_longcot_budget_curve"] = budget_curve(sft_eval, "longcot")
-  timing = {env: rollout_timing(read_metrics(os.path.join(workdir, f"grpo_{env}"))) for env in ENVS}
-  for env in ENVS:
+  for env in envs:
+    r[f"{env}_budget_curve"] = budget_curve(rl_eval[env], env)
+  for env in ("longcot", *(e for e in envs if e != "longcot")):
+    r[f"sft_{env}_budget_curve"] = budget_curve(sft_eval, env)
+  timing = {env: rollout_timing(read_metrics(os.path.join(workdir, f"grpo_{env}"))) for env in envs}
+  for env in envs:
     r[f"{env}_rollout_s_per_step"] = timing[env]["rollout_s_per_step"]
     r[f"{env}_update_s_per_step"] = timing[env]["update_s_per_step"]
-  r["rollout_s_ratio_longcot_over_delethink"] = (
-    r["longcot_rollout_s_per_step"] / r["delethink_rollout_s_per_step"]
-  )
-  r["update_s_ratio_longcot_over_delethink"] = (
-    r["longcot_update_s_per_step"] / r["delethink_update_s_per_step"]
-  )
   r["rl_timing"] = timing
-  r["claims"] = claims(r)
+  if set(envs) == set(ENVS):  # the Delethink vs LongCoT claims need both runs
+    r["rollout_s_ratio_longcot_over_delethink"] = (
+      r["longcot_rollout_s_per_step"] / r["delethink_rollout_s_per_step"]
+    )
+    r["update_s_ratio_longcot_over_delethink"] = (
+      r["longcot_update_s_per_step"] / r["delethink_update_s_per_step"]
+    )
+    r["claims"] = claims(r)
   r["accuracy_vs_rl_step"] = accuracy_vs_rl_step(workdir, s, sft_eval)
-  r["heldout"] = heldout_check(quick) | {
+  r["learning_signal"] = learning_signal(r["accuracy_vs_rl_step"], envs)
+  r["heldout"] = heldout_check(study) | {
     "evaluations_report_the_same_count": len({e["problems"] for e in (sft_eval, *rl_eval.values())})
     == 1
   }
   r["evaluations"] = {
-    "sft": {env: sft_eval[env]["curve"] for env in ENVS},
-    **{env: rl_eval[env][env]["curve"] for env in ENVS},
+    "sft": {env: sft_eval[env]["curve"] for env in envs},
+    **{env: rl_eval[env][env]["curve"] for env in envs},
   }
   r["task"] = task_sizes(s)
   r["settings"] = dataclasses.asdict(s) | {
@@ -328,10 +367,11 @@ def plot(r: dict, path: str) -> bool:
   import matplotlib.pyplot as plt
 
   colors = {"delethink": "tab:blue", "longcot": "tab:red"}
+  envs = [env for env in ENVS if env in r["rl_timing"]]
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
 
   ax = axes[0]
-  for env in ENVS:
+  for env in envs:
     series = r["accuracy_vs_rl_step"][env]
     steps, acc, err = zip(*[(p[0], p[1], p[2]) for p in series["heldout"]], strict=True)
     ax.errorbar(
@@ -343,7 +383,11 @@ def plot(r: dict, path: str) -> bool:
     )
   ax.set_xlabel("RL step")
   ax.set_ylabel(f"accuracy at B = {r['training_budget_tokens']} tokens")
-  ax.set_title("accuracy vs RL step", fontsize=10)
+  signal = "; ".join(
+    f"{env} {t['step0_accuracy']:.3f} -> {t['rl_accuracy']:.3f}, z = {t['z']:.2f}"
+    for env, t in r["learning_signal"].items()
+  )
+  ax.set_title(f"accuracy vs RL step ({signal})", fontsize=9)
 
   ax = axes[1]
   for key, label, style in (
@@ -360,6 +404,8 @@ def plot(r: dict, path: str) -> bool:
       dict(color=colors["longcot"], marker="x", ls="--", alpha=0.7),
     ),
   ):
+    if key not in r:
+      continue
     budgets, acc = zip(*r[key], strict=True)
     ax.plot(budgets, acc, label=label, **style)
   ax.axvline(r["training_budget_tokens"], color="gray", ls="-.", lw=1, label="training budget")
@@ -369,7 +415,7 @@ def plot(r: dict, path: str) -> bool:
   ax.set_title(f"accuracy vs budget (n = {r['heldout_problems']})", fontsize=10)
 
   ax = axes[2]
-  for env in ENVS:
+  for env in envs:
     timing = r["rl_timing"][env]
     steps = list(range(1, len(timing["rollout_s_all_steps"]) + 1))
     ax.plot(
@@ -385,8 +431,9 @@ def plot(r: dict, path: str) -> bool:
   ax.set_yscale("log")
   ax.set_xlabel("RL step")
   ax.set_ylabel("rollout seconds")
-  ratio = r["rollout_s_ratio_longcot_over_delethink"]
-  ax.set_title(f"rollout s per RL step (LongCoT / Delethink = {ratio:.2f})", fontsize=10)
+  ratio = r.get("rollout_s_ratio_longcot_over_delethink")
+  ratio = f" (LongCoT / Delethink = {ratio:.2f})" if ratio else ""
+  ax.set_title(f"rollout s per RL step{ratio}", fontsize=10)
   for ax in axes:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)

@@ -3,8 +3,9 @@
 configs/markov_e2e_sft.py, markov_e2e_delethink.py and markov_e2e_longcot.py are built from
 `Study` here, so the two GRPO runs cannot drift apart (same task, steps, G, prompts per step,
 learning rate, seed; LongCoT's budget is Delethink's C + (I - 1)(C - m)) and every evaluation
-sees the same held-out problems under the same decoding. Change a size in `FULL` (the study)
-or `QUICK` (the toy pipeline of the test suite); each config takes `:quick` as its argument:
+sees the same held-out problems under the same decoding. Change a size in `FULL` (the study),
+`SIGNAL` (a short task: does GRPO raise held-out accuracy at all?) or `QUICK` (the toy pipeline
+of the test suite); each config takes the preset's name as its argument:
 
     python -m train.main --config=configs/markov_e2e_sft.py:quick --workdir=/tmp/sft_quick
 
@@ -30,6 +31,8 @@ from train import evaluate
 class Study:
   """Every size of the study. Task lengths count steps; everything else counts tokens/steps."""
 
+  name: str = "markov_e2e"  # results file name (benchmarks/results/NAME.json) and default workdir
+  envs: tuple[str, ...] = ("delethink", "longcot")  # the GRPO runs of the study
   # The task: a long-trace family member (adaptive/tasks/long_trace.py: long_sum, long_fsm, ...)
   # and its make_task options; worked traces are ASCII, one byte token per character.
   task: str = "long_recurrence"
@@ -135,13 +138,56 @@ QUICK = dataclasses.replace(
 )
 
 
+# Issue #10's learning-signal check: from an SFT checkpoint that solves 30-70 % of a short task,
+# do 50 GRPO steps raise held-out accuracy? FULL's GRPO had no signal because its SFT policy was
+# near-deterministic (0.02-0.03 nats/token at temperature 1), so most groups had zero reward
+# variance. Sizes are FULL's unless set here, and fixed a priori unless marked "validation".
+# Validation: 200 problems of the heldout split drawn with seed eval_seed + 1, minus every test
+# problem (seed eval_seed), disjoint from training by the split; greedy accuracy of the SFT
+# checkpoint, and at temperature 1 with G = 8 the fraction of groups with mixed rewards (nonzero
+# advantage). Rule, fixed before the first try: take the first candidate with greedy accuracy
+# in [0.3, 0.7] and mixed groups >= 50 %. Tries (greedy ± SE, T=1 sampled, mixed groups):
+#   6-12 steps, p, q <= 4, 200 SFT steps: 0.245 ± 0.030, 0.172, 66 %
+#   6-12 steps, p, q <= 4, 400 SFT steps: 0.275 ± 0.032, 0.215, 76 %
+#   4-8 steps,  p, q <= 4, 400 SFT steps: 0.270 ± 0.031, 0.236, 86 %
+#   4-8 steps,  p, q <= 3, 400 SFT steps: 0.335 ± 0.033, 0.219, 79 %  <- taken
+# The test problems' accuracy was never looked at before these sizes were fixed.
+SIGNAL = dataclasses.replace(
+  FULL,
+  name="markov_signal",
+  envs=("longcot",),  # a worked trace fits one LongCoT budget; Delethink left out to save time
+  # 4-8 steps (validation): completions of 66-90 byte tokens, query <= 142. Coefficients p, q in
+  # [1, 3] (validation; 9 rules, not Fibonacci's one): each line is a small product-and-sum
+  # mod 10 the model can get wrong, so errors (and sampling entropy) need no long trace.
+  # 4,500 distinct questions: the 400 test problems hold 362 distinct ones.
+  task_options=dict(length=8, min_length=4, modulus=10, max_coefficient=3),
+  max_chunks=3,  # budget 64 + 2 x 32 = 128 >= the longest completion (90 tokens), with slack
+  sft_steps=400,  # validation (200 was below 30 %); batch, learning rate as FULL
+  sft_warmup=20,
+  sft_eval_every=0,
+  rl_steps=50,  # the issue's number; learning rate 1e-4, temperature 1, 2 minibatches: FULL's
+  group_size=8,  # G = 8 (not 4): a group has mixed rewards more often at a given accuracy
+  prompts_per_step=16,  # 128 rollouts per step
+  rl_checkpoint_every=10,
+  heldout=400,  # binomial SE <= 0.025
+  budget_multiples=(1,),  # this check is at the training budget only
+  intermediate_evals=4,  # steps 10, 20, 30, 40
+  eval_batch_problems=100,
+)
+
+
+STUDIES = {"full": FULL, "quick": QUICK, "signal": SIGNAL}
+
+
 def study(arg: str | None = None) -> Study:
-  """FULL, or QUICK for the config argument "quick" (configs/markov_e2e_*.py:quick)."""
-  if arg in (None, "", "full"):
+  """The preset named by the config argument (configs/markov_e2e_*.py:NAME); '' is FULL."""
+  if arg in (None, ""):
     return FULL
-  if arg == "quick":
-    return QUICK
-  raise ValueError(f"config argument {arg!r}: expected '' (the study) or 'quick'")
+  if arg in STUDIES:
+    return STUDIES[arg]
+  raise ValueError(
+    f"config argument {arg!r}: expected '' or 'full' (the study), 'signal' or 'quick'"
+  )
 
 
 # ----------------------------------------------------------------------------- token counts
@@ -266,8 +312,9 @@ def sft_config(s: Study) -> ml_collections.ConfigDict:
   c.data.num_examples = s.sft_examples
   c.data.eval_examples = 64
   c.data.corpus_seed = s.seed
-  # SFT is LongCoT-formatted, so LongCoT first: its accuracy is the headline `accuracy`.
-  c.rl_eval = rl_eval(s, ("longcot", "delethink"))
+  # SFT is LongCoT-formatted, so LongCoT first: its accuracy is the headline `accuracy`;
+  # Delethink zero-shot only where the study runs Delethink GRPO.
+  c.rl_eval = rl_eval(s, ("longcot", *(e for e in s.envs if e != "longcot")))
   return c
 
 

@@ -2,8 +2,8 @@
 
 One chunk of budget C + (I - 1)(C - m), Delethink's thinking budget; steps, G, prompts per
 step, learning rate and seed are those of configs/markov_e2e_delethink.py by construction
-(both come from configs/markov_e2e_common.py; `:quick` picks its toy `QUICK`). After stage 1
-(configs/markov_e2e_sft.py):
+(both come from configs/markov_e2e_common.py; `:quick` picks its toy `QUICK`, `:signal` the
+short-task `SIGNAL`). After stage 1 (configs/markov_e2e_sft.py):
 
   python -m train.main --config=configs/markov_e2e_longcot.py \\
     --workdir=/tmp/markov_e2e/grpo_longcot --config.init_from=/tmp/markov_e2e/sft/checkpoints
@@ -18,10 +18,11 @@ import ml_collections
 
 from configs import markov_e2e_common as common
 
-SFT_CHECKPOINTS = "/tmp/markov_e2e/sft/checkpoints"  # benchmarks.markov_e2e's default workdir
+SFT_CHECKPOINTS = "/tmp/{name}/sft/checkpoints"  # benchmarks.markov_e2e's default workdir
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = common.grpo_config(common.study(arg), "longcot", SFT_CHECKPOINTS)
+  s = common.study(arg)
+  c = common.grpo_config(s, "longcot", SFT_CHECKPOINTS.format(name=s.name))
   c.lock()
   return c

@@ -1,7 +1,8 @@
 """Markovian end-to-end study, stage 1: SFT on LongCoT-formatted long_sum worked traces.
 
-The sizes live in configs/markov_e2e_common.py (`FULL`; `:quick` picks the toy `QUICK`). The
-whole study (this run, its evaluations and both GRPO runs) is
+The sizes live in configs/markov_e2e_common.py (`FULL`; `:quick` picks the toy `QUICK`,
+`:signal` the short-task `SIGNAL`). The whole study (this run, its evaluations and both GRPO
+runs) is
 
   python -m benchmarks.markov_e2e [--workdir=/tmp/markov_e2e]
 

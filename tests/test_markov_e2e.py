@@ -1,5 +1,7 @@
 """benchmarks/markov_e2e.py --quick end to end (toy sizes: the pipeline, not the claims).
 
+The `signal` preset is only built and validated here (no training).
+
 One run of the whole pipeline through the CLIs (SFT, its evaluation, both GRPO runs, their
 evaluations and intermediate checkpoints), then a rerun that must skip every stage. The JSON is
 checked field by field against configs/markov_e2e_common.py's QUICK sizes, the standard-error
@@ -20,6 +22,9 @@ from cli_env import environment, finish
 
 from benchmarks import markov_e2e, markov_e2e_report
 from configs import markov_e2e_common as common
+from configs import markov_e2e_delethink, markov_e2e_longcot, markov_e2e_sft
+from train import config_lib
+from train import evaluate as evaluate_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S = common.QUICK
@@ -90,7 +95,7 @@ def test_every_field_is_there_with_the_quick_sizes(quick):
   assert result["heldout_problems"] == S.heldout
   assert result["png"] == "markov_e2e.png" and (workdir / "markov_e2e.png").exists()
   assert [s["name"] for s in result["stages"]] == [
-    s.name for s in markov_e2e.plan(str(workdir), True)
+    s.name for s in markov_e2e.plan(str(workdir), "quick")
   ]
   assert all(c.startswith("python -m train.") and ":quick" in c for c in result["commands"])
   assert len(result["git"]["commit"]) == 40
@@ -179,7 +184,7 @@ def test_a_rerun_skips_every_completed_stage(quick):
 
 def test_a_stage_run_with_another_command_or_config_is_an_error(tmp_path):
   workdir = str(tmp_path)
-  stage = markov_e2e.plan(workdir, True)[0]
+  stage = markov_e2e.plan(workdir, "quick")[0]
   assert markov_e2e.completed(workdir, stage) is None
   markov_e2e.write_marker(workdir, stage, finished=None)  # interrupted: run it again
   assert markov_e2e.completed(workdir, stage) is None
@@ -192,3 +197,70 @@ def test_a_stage_run_with_another_command_or_config_is_an_error(tmp_path):
     markov_e2e.write_marker(workdir, other, seconds=1.0, finished=1.0)
     with pytest.raises(ValueError, match="use a fresh --workdir"):
       markov_e2e.completed(workdir, stage)
+
+
+def test_the_signal_preset_builds_valid_configs():
+  sig = common.study("signal")
+  assert sig is common.SIGNAL and sig.envs == ("longcot",) and sig.rl_steps == 50
+  assert sig.heldout >= 200 and sig.eval_seed == common.FULL.eval_seed
+  configs = {
+    "sft": markov_e2e_sft.get_config("signal"),
+    "longcot": markov_e2e_longcot.get_config("signal"),
+    "delethink": markov_e2e_delethink.get_config("signal"),
+  }
+  for kind, config in configs.items():
+    run = config_lib.validate(config, num_devices=1)
+    assert run.model_config.dtype == "float32", kind
+    evaluate_lib.validate_rl_eval(config.rl_eval)
+    assert config.rl_eval.heldout == sig.heldout and config.rl_eval.seed == sig.eval_seed
+  assert configs["sft"].total_steps == sig.sft_steps
+  assert tuple(configs["sft"].rl_eval.envs) == ("longcot",)
+  longcot = configs["longcot"]
+  assert longcot.total_steps == 50 and longcot.grpo.group_size == sig.group_size
+  assert longcot.rl.budget == sig.training_budget
+  assert longcot.init_from == "/tmp/markov_signal/sft/checkpoints"
+  # A short task: every worked completion fits the one LongCoT budget.
+  task = markov_e2e_report.task_sizes(sig)
+  assert task["training_budget_holds_longest_completion"] and task["carry_holds_window"]
+  assert task["completion_tokens_range"][1] <= 200
+  # The runner: LongCoT stages only, `:signal` configs, results under benchmarks/results.
+  stages = markov_e2e.plan("/tmp/markov_signal", "signal")
+  assert [s.name for s in stages] == [
+    "sft",
+    "sft_eval",
+    "grpo_longcot",
+    "longcot_eval",
+    *(f"longcot_eval_step{k}" for k in sig.intermediate_steps()),
+  ]
+  assert all(":signal" in s.command for s in stages)
+  args = markov_e2e.parse_args(["--study=signal"])
+  assert args.workdir == "/tmp/markov_signal"
+  assert args.out == os.path.join(markov_e2e.RESULTS, "markov_signal.json")
+  assert args.png.endswith("markov_signal.png")
+  quick = markov_e2e.parse_args(["--quick", "--workdir=/tmp/q"])
+  assert quick.study == "quick" and quick.out == "/tmp/q/markov_e2e.json"
+  assert markov_e2e.parse_args([]).out == os.path.join(markov_e2e.RESULTS, "markov_e2e.json")
+  assert [s.command for s in markov_e2e.plan("/tmp/markov_e2e", "full")][0] == (
+    "python -m train.main --config=configs/markov_e2e_sft.py --workdir=/tmp/markov_e2e/sft"
+  )
+  with pytest.raises(ValueError, match="'signal'"):
+    common.study("nope")
+
+
+def test_the_signal_heldout_problems_are_never_trained_on():
+  check = markov_e2e_report.heldout_check("signal")
+  assert check["same_problems_in_every_config"] and check["overlap_with_training"] == 0
+
+
+def test_learning_signal_is_a_two_proportion_z_test():
+  by_step = {
+    "longcot": {"heldout": [[0, 0.4, 0.0, 400], [25, 0.45, 0.0, 400], [50, 0.5, 0.0, 400]]}
+  }
+  t = markov_e2e_report.learning_signal(by_step, ("longcot",))["longcot"]
+  se = math.sqrt(0.4 * 0.6 / 400 + 0.5 * 0.5 / 400)
+  assert t["difference"] == pytest.approx(0.1) and t["difference_stderr"] == pytest.approx(se)
+  assert t["z"] == pytest.approx(0.1 / se)  # 2.857: two-sided p = 0.00427
+  assert t["p_value_two_sided"] == pytest.approx(0.00427, abs=1e-5)
+  assert t["met"] and t["rl_steps"] == 50
+  by_step["longcot"]["heldout"][-1][1] = 0.38
+  assert not markov_e2e_report.learning_signal(by_step, ("longcot",))["longcot"]["met"]
