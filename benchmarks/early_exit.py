@@ -70,6 +70,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 RECIPES = {"layerskip": "layerskip_lm", "calm": "calm_lm", "m2r2": "m2r2_lm"}
 DRAFTERS = ("layerskip", "m2r2")
+SECTIONS = ("speculative", "peer", "calm")
 TARGET_SPEEDUP = 2.0
 QUICK_MODEL = {
   "model.dim": 32,
@@ -102,18 +103,43 @@ def parse_args(argv=None):
   p.add_argument("--calibration_units", type=int, default=300, help="units per held-out set")
   p.add_argument("--tolerance", type=float, default=0.1, help="calibration ε")
   p.add_argument("--risk", type=float, default=0.1, help="calibration δ")
-  p.add_argument("--recipes", default="layerskip,calm,m2r2", help="those whose config exists")
+  p.add_argument("--recipes", default=",".join(RECIPES), help="those whose config exists")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
   p.add_argument("--out", default=None, help="default benchmarks/results/early_exit.json")
   p.add_argument("--png", default=None, help="default next to --out")
+  p.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="FIELD=VALUE",
+    help="a config override for every recipe, as train.main's --config.FIELD=VALUE (repeat it)",
+  )
+  p.add_argument(
+    "--sections",
+    default=",".join(SECTIONS),
+    help=f"what to measure, from {','.join(SECTIONS)} (the JSON says which ran)",
+  )
+  p.add_argument(
+    "--matmul_precision",
+    default=None,
+    choices=("default", "high", "highest"),
+    help="jax_default_matmul_precision for the measured decoding (not training); on GPUs"
+    " float32 matmuls default to TF32, whose rounding can differ between a one-token step and"
+    " the verify pass",
+  )
   args = p.parse_args(argv)
+  args.sections = [s for s in str(args.sections).split(",") if s]
+  if not args.sections or set(args.sections) - set(SECTIONS):
+    raise ValueError(f"--sections={','.join(args.sections)}: a non-empty subset of {SECTIONS}")
   args.overrides = {"model.dtype": "float32"}
   if args.quick:
     args.steps, args.prompts, args.max_prompt, args.new_tokens = 3, 8, 48, 6
     args.draft_layers, args.draft_tokens, args.repeats, args.peer_repeats = "1", "2", 1, 1
     args.thresholds, args.calibration_units = "0,0.5,0.9", 24
-    args.prompts, args.batch, args.recipes = 4, 4, "layerskip,calm"
+    args.prompts, args.batch = 4, 4
+    if args.recipes == ",".join(RECIPES):
+      args.recipes = "layerskip,calm"
     args.overrides.update(QUICK_MODEL)
   args.overrides.update(
     {
@@ -124,6 +150,7 @@ def parse_args(argv=None):
       "seed": args.seed,
     }
   )
+  args.overrides.update(parse_sets(args.set))
   if args.out is None:
     args.out = os.path.join(args.workdir if args.quick else RESULTS, "early_exit.json")
   if args.png is None:
@@ -133,9 +160,30 @@ def parse_args(argv=None):
   args.thresholds = [float(x) for x in str(args.thresholds).split(",")]
   args.recipes = [r for r in str(args.recipes).split(",") if r]
   unknown = sorted(set(args.recipes) - set(RECIPES))
-  if unknown or not {"layerskip", "calm"} <= set(args.recipes):
-    raise ValueError(f"--recipes={args.recipes}: from {list(RECIPES)}, with layerskip and calm")
+  needed = {"layerskip", "calm"} if "calm" in args.sections else {"layerskip"}
+  if unknown or not needed <= set(args.recipes):
+    raise ValueError(
+      f"--recipes={args.recipes}: from {list(RECIPES)}, with {' and '.join(sorted(needed))}"
+    )
+  for recipe in args.recipes:  # a bad --set fails here, before any training or compile
+    recipe_config(recipe, args.overrides)
   return args
+
+
+def parse_sets(sets: list[str]) -> dict:
+  """["model.num_layers=16", ...] -> {"model.num_layers": 16}: Python literals, else strings."""
+  import ast
+
+  out = {}
+  for item in sets:
+    field, sep, text = item.partition("=")
+    if not sep or not field:
+      raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. model.num_layers=16")
+    try:
+      out[field] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      out[field] = text
+  return out
 
 
 # -- training (or reusing) each recipe ----------------------------------------------------------
@@ -147,9 +195,16 @@ def recipe_config(recipe: str, overrides: dict):
   for path, value in overrides.items():
     *parents, leaf = path.split(".")
     node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+    try:
+      for parent in parents:
+        node = node[parent]
+      if leaf not in node:
+        raise KeyError(leaf)
+      node[leaf] = value
+    except (KeyError, TypeError, AttributeError) as e:
+      raise ValueError(
+        f"{path}={value!r}: not a settable field of configs/{RECIPES[recipe]}.py ({e})"
+      ) from e
   return config
 
 
@@ -167,7 +222,8 @@ def subprocess_env(quick: bool) -> dict:
   if quick:
     flags.append("--xla_backend_optimization_level=0")
   env["XLA_FLAGS"] = " ".join(flags)
-  env["JAX_PLATFORMS"] = "cpu"
+  if jax.default_backend() == "cpu":  # on an accelerator, training runs there too
+    env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
   env.pop("JAX_COORDINATOR_ADDRESS", None)
   return env
@@ -674,7 +730,7 @@ def plot(result: dict, path: str) -> bool:
         values.append(r["tokens_per_s"])
         colors.append("tab:blue" if r["identical_output"] else "tab:red")
   peer = result.get("peer")
-  if peer:
+  if peer and "skipped" not in peer:
     for name, color in (("plain", "tab:olive"), ("early_exit_constant_k", "tab:orange")):
       labels.append(f"transformers\n{'plain' if name == 'plain' else 'early exit'} b1")
       values.append(peer[name]["tokens_per_s"])
@@ -725,7 +781,8 @@ def plot(result: dict, path: str) -> bool:
     fontsize=8,
   )
   ax_calm.grid(alpha=0.3)
-  ax_calm.legend(fontsize=7)
+  if series:
+    ax_calm.legend(fontsize=7)
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return True
@@ -781,6 +838,8 @@ def main(argv=None) -> dict:
   from train.tokenizer import load_tokenizer
 
   started, load_start, sections = time.perf_counter(), os.getloadavg(), Sections()
+  if args.matmul_precision:
+    jax.config.update("jax_default_matmul_precision", args.matmul_precision)
   recipes = [r for r in args.recipes if recipe_exists(r)]
   trained = {}
   for recipe in recipes:
@@ -794,7 +853,7 @@ def main(argv=None) -> dict:
   speculative_ok = hasattr(decoding, "SelfSpeculative")
 
   drafters, plain_tokens = {}, {}
-  for name in DRAFTERS:
+  for name in DRAFTERS if "speculative" in args.sections else ():
     if name in models and speculative_ok:
       sections.start(f"self-speculative decoding, {name} drafter")
       section = speculative_section(models[name], tokens_PS, lengths_P, args)
@@ -807,6 +866,32 @@ def main(argv=None) -> dict:
     if best
     else (min(args.draft_layers), min(args.draft_tokens))
   )
+  peer, calibration, points = {"skipped": "not in --sections"}, {}, []
+  if "peer" in args.sections:
+    peer = run_peer(
+      models, tokenizer, prompt_ids, tokens_PS, lengths_P, plain_tokens, draft, args, sections
+    )
+  if "calm" in args.sections:
+    calibration, points = run_calm(models, config, tokenizer, tokens_PS, lengths_P, args, sections)
+  sections.stop()
+
+  result = summary(args, drafters, peer, points, calibration, trained, speculative_ok)
+  result["sections"] = args.sections
+  result["wall_s"] = round(time.perf_counter() - started, 1)
+  result["section_s"] = sections.seconds
+  result["environment"] = environment(load_start)
+  result["settings"] = settings(args, models, lengths_P)
+  result["png"] = os.path.basename(args.png) if plot(result, args.png) else None
+  write_result(args.out, result)
+  keys = [k for k in result if not isinstance(result[k], dict | list)]
+  print(json.dumps({k: result[k] for k in keys} | {"targets": result["targets"]}, indent=2))
+  return result
+
+
+def run_peer(
+  models, tokenizer, prompt_ids, tokens_PS, lengths_P, plain_tokens, draft, args, sections
+):
+  """The transformers peer on the LayerSkip model at the best (E, k)."""
   sections.start(f"the transformers peer at E={draft[0]}, k={draft[1]}")
   if "layerskip" not in plain_tokens:
     outs = run_batches(
@@ -824,7 +909,11 @@ def main(argv=None) -> dict:
     )
   except ImportError as e:
     peer = {"skipped": f"transformers/torch not importable: {e}"}
+  return peer
 
+
+def run_calm(models, config, tokenizer, tokens_PS, lengths_P, args, sections):
+  """CALM's calibration (Learn-then-Test) and its agreement vs average exit layer points."""
   sections.start("CALM calibration")
   both = ("softmax_diff", "classifier")
   calibration = calibration_section(models["calm"], config, tokenizer, both, args)
@@ -836,18 +925,7 @@ def main(argv=None) -> dict:
   )
   if "m2r2" in models:
     points += calm_points(models["m2r2"], "m2r2", ("classifier",), tokens_PS, lengths_P, args)
-  sections.stop()
-
-  result = summary(args, drafters, peer, points, calibration, trained, speculative_ok)
-  result["wall_s"] = round(time.perf_counter() - started, 1)
-  result["section_s"] = sections.seconds
-  result["environment"] = environment(load_start)
-  result["settings"] = settings(args, models, lengths_P)
-  result["png"] = os.path.basename(args.png) if plot(result, args.png) else None
-  write_result(args.out, result)
-  keys = [k for k in result if not isinstance(result[k], dict | list)]
-  print(json.dumps({k: result[k] for k in keys} | {"targets": result["targets"]}, indent=2))
-  return result
+  return calibration, points
 
 
 def _row(drafter: dict, batch_key: str, config: dict | None) -> dict | None:
@@ -967,6 +1045,8 @@ def notes(result: dict) -> list[str]:
     "self_spec_speedup is the best of the batch-1 grid (a best-of pick, so slightly optimistic"
     " under timing noise); self_spec_speedup_batch8 re-measures that configuration at batch 8."
   )
+  if result.get("environment", {}).get("backend", jax.default_backend()) != "cpu":
+    return out
   out.append(
     "Tiny models on a CPU: a decode step costs mostly fixed per-step work (dispatching the"
     " loop body, small matmuls), so a draft step of E of L blocks is not E/L of a full step;"
@@ -999,6 +1079,8 @@ def settings(args, models, lengths_P) -> dict:
     "draft_tokens_grid": args.draft_tokens,
     "repeats": args.repeats,
     "peer_repeats": args.peer_repeats,
+    "matmul_precision": args.matmul_precision or "jax default",
+    "config_overrides": args.overrides,
     "sampling": "greedy, no EOS stop (every row generates new_tokens)",
     "cache": "one KV cache of S + N - 1 slots (cache_growth=None) for plain and speculative",
     "calm_thresholds": [*args.thresholds, 1.01],

@@ -43,5 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.layer_drop_curriculum = "exponential"
     c.model.curriculum_steps = c.get_ref("total_steps") * c.optimizer.get_ref("grad_accum_steps")
     c.model.exit_classifier = False
+    # "auto": Pallas kernels on TPU/GPU, XLA on CPU; "xla" | "pallas" | "cudnn" to choose.
+    c.model.attention_impl = "auto"
     c.model.classifier_loss_weight = 1.0
   return c

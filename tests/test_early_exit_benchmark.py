@@ -3,7 +3,9 @@
 import json
 import math
 import os
+import re
 
+import pytest
 from cli_env import environment
 
 from benchmarks import early_exit
@@ -50,3 +52,21 @@ def test_quick_early_exit_benchmark_writes_its_fields(tmp_path, monkeypatch):
   for record in result["train"].values():
     assert record["steps"] == 3 and record["seconds"] > 0 and not record["reused"]
   assert os.path.isdir(tmp_path / "layerskip" / "checkpoints")
+
+
+def test_bad_arguments_fail_before_any_training():
+  """A bad --set or --sections is a ValueError naming it, raised while parsing the arguments."""
+  args = early_exit.parse_args(
+    ["--sections=speculative", "--recipes=layerskip", "--set=model.num_layers=6"]
+  )
+  assert args.overrides["model.num_layers"] == 6 and args.sections == ["speculative"]
+  bad = (
+    (["--set=model.no_such_field=1"], "model.no_such_field=1: not a settable field"),
+    (["--set=model.num_layers"], "expected FIELD=VALUE"),
+    (["--set=model.num_layers=deep"], "model.num_layers='deep'"),
+    (["--sections=speculative,bogus"], "a non-empty subset of"),
+    (["--recipes=layerskip"], "with calm and layerskip"),  # the CALM section needs calm
+  )
+  for argv, message in bad:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      early_exit.parse_args(argv)
