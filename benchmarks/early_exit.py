@@ -358,11 +358,14 @@ def measure(variants: dict, repeats: int) -> dict:
     start = time.perf_counter()
     output = run()
     results[name] = {"output": output, "warmup_s": time.perf_counter() - start, "times_s": []}
+    print(f"[early_exit]   {name}: first run {results[name]['warmup_s']:.1f} s", flush=True)
   for _ in range(repeats):
     for name, run in variants.items():
       start = time.perf_counter()
       run()
       results[name]["times_s"].append(time.perf_counter() - start)
+  best = {name: f"{min(r['times_s']):.3f}" for name, r in results.items()} if repeats else {}
+  print(f"[early_exit]   best of {repeats} (s): {best}", flush=True)
   return results
 
 
