@@ -394,6 +394,17 @@ def speculative_totals(outs) -> dict:
 # -- self-speculative decoding ----------------------------------------------------------------
 
 
+def layer_work_bound(tokens_per_pass: float, layers: int, e: int, k: int) -> float:
+  """The speed-up if a decode step cost only its blocks: L·t / ((k + 1)·E + (L − E)).
+
+  Per iteration the drafter runs E blocks k + 1 times (k drafts and the k-th draft's own
+  exit state) and the verify pass L − E blocks over k + 1 positions, which costs one step
+  while decoding is bound by reading the weights; plain decoding runs L blocks per token.
+  t tokens per iteration at the measured acceptance. Per-step fixed costs (the head, the
+  loop, the acceptance rule) only lower the measured speed-up below this."""
+  return round(tokens_per_pass * layers / ((k + 1) * e + (layers - e)), 3)
+
+
 def speculative_section(model, tokens_PS, lengths_P, args) -> dict:
   """Plain vs self-speculative greedy decoding of one model: b1 over the (E, k) grid, b8 best."""
   n, num_prompts = args.new_tokens, len(lengths_P)
@@ -441,6 +452,9 @@ def speculative_section(model, tokens_PS, lengths_P, args) -> dict:
       # Each row's first token comes from the prefill, the other n - 1 from verify passes.
       rows[-1]["tokens_per_verify_pass"] = round(
         num_prompts * (n - 1) / max(rows[-1]["verify_passes_per_row"], 1), 3
+      )
+      rows[-1]["layer_work_bound"] = layer_work_bound(
+        rows[-1]["tokens_per_verify_pass"], layers, e, k
       )
     return {
       "batch": batch,
@@ -1022,6 +1036,14 @@ def notes(result: dict) -> list[str]:
       f"{name} drafter, batch 1: plain {b1['plain_tokens_per_s']} tokens/s; speed-up per (E, k)"
       f" {speed}; acceptance {rates}; identical output everywhere: {d['identical_output']}."
     )
+    top = max(b1["configs"], key=lambda r: r["layer_work_bound"], default=None)
+    if top:
+      out.append(
+        f"{name} drafter: at the measured acceptance no (E, k) could beat"
+        f" {top['layer_work_bound']}x even if a decode step cost only its blocks"
+        f" (layer_work_bound, best at E={top['draft_layers']}, k={top['draft_tokens']});"
+        " a speed-up of 2 needs a smaller E/L at a high acceptance."
+      )
   peer = result["peer"]
   if peer and "skipped" not in peer:
     out.append(

@@ -29,6 +29,12 @@ def test_quick_early_exit_benchmark_writes_its_fields(tmp_path, monkeypatch):
     assert drafter["batch1"]["batch"] == 1 and drafter["batch1"]["configs"]
     for row in drafter["batch1"]["configs"] + drafter["batch8"]["configs"]:
       assert row["drafted"] >= row["accepted"] >= 0
+      assert row["layer_work_bound"] == early_exit.layer_work_bound(
+        row["tokens_per_verify_pass"],
+        result["settings"]["models"]["layerskip"]["num_layers"],
+        row["draft_layers"],
+        row["draft_tokens"],
+      )
   # The peer ran on the exported weights; its greedy tokens are compared with ours.
   peer = result["peer"]
   assert peer["plain"]["tokens_per_s"] > 0 and isinstance(result["peer_identical_output"], bool)
