@@ -21,8 +21,9 @@ Implementations (`impl=`): "xla" (plain XLA, any backend), "pallas" (flash
 attention kernels: `flash_tpu` on TPU, `flash_gpu` on GPU; with
 `interpret=True` they run on CPU, GPU kernels by default or the TPU kernels
 with `pallas_platform="tpu"`), "cudnn" (`jax.nn.dot_product_attention` on
-NVIDIA GPUs; default positions, no segment ids) and "auto" (Pallas on TPU and
-GPU, XLA on CPU).
+NVIDIA GPUs; default positions, no segment ids) and "auto" (XLA on CPU; on
+TPU and GPU the Pallas kernels, except that on an NVIDIA GPU attention takes
+cuDNN where it applies: `auto_prefers_cudnn`, from measurements on an H200).
 
 Routed attention (mixture-of-depths) is `routed_attention`, i.e. attention
 among gathered tokens with `positions=kv_positions=` their original positions:
@@ -133,6 +134,26 @@ def _resolve_impl(impl: str, interpret: bool) -> str:
   if impl == "auto":
     return "pallas" if interpret or jax.default_backend() in PALLAS_PLATFORMS else "xla"
   return impl
+
+
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = 128  # the largest head dim measured (benchmarks/pallas_gpu_check.py)
+
+
+def auto_prefers_cudnn(*, nvidia_gpu: bool, dtype, head_dim: int, custom_mask: bool) -> bool:
+  """Whether impl="auto" runs cuDNN's fused attention instead of the Pallas kernels.
+
+  On an H200 (benchmarks/results/pallas_gpu_check_h200.json) cuDNN was 2.5-2.7x faster than
+  our Pallas kernels forward and 2.0-2.7x forward+backward, so "auto" takes it wherever it
+  applies: an NVIDIA GPU, bfloat16 or float16 (cuDNN rejects float32), default positions
+  without segment ids, head dim <= 128. Elsewhere the Pallas kernels remain the default.
+  """
+  return (
+    nvidia_gpu
+    and jnp.dtype(dtype).name in CUDNN_DTYPES
+    and head_dim <= CUDNN_MAX_HEAD_DIM
+    and not custom_mask
+  )
 
 
 def is_nvidia_gpu() -> bool:
@@ -251,6 +272,18 @@ def attention(
   Returns:
     [B, S, H, D] in the dtype of `q_BSHD`; rows with no visible key are zero.
   """
+  custom = any(x is not None for x in (segment_ids, positions, kv_segment_ids, kv_positions))
+  if (
+    impl == "auto"
+    and not interpret
+    and auto_prefers_cudnn(
+      nvidia_gpu=jax.default_backend() == "gpu" and is_nvidia_gpu(),
+      dtype=q_BSHD.dtype,
+      head_dim=q_BSHD.shape[-1],
+      custom_mask=custom,
+    )
+  ):
+    impl = "cudnn"
   impl = _resolve_impl(impl, interpret)
   b, s, h, d = q_BSHD.shape
   t, num_kv_heads = k_BTKD.shape[1], k_BTKD.shape[2]
@@ -267,7 +300,6 @@ def attention(
     raise ValueError("attention: give both segment_ids and kv_segment_ids when S != T")
   scale = d**-0.5 if scale is None else scale
   if impl == "cudnn":
-    custom = any(x is not None for x in (segment_ids, positions, kv_segment_ids, kv_positions))
     return _cudnn_attention(
       q_BSHD,
       k_BTKD,

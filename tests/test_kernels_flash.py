@@ -248,3 +248,23 @@ def test_attention_dispatch_pallas_interpret_matches_xla():
   kwargs = dict(causal=True, positions=q_pos, segment_ids=q_seg, sliding_window=9)
   out = attention(q, k, v, impl="pallas", interpret=True, block_sizes=GPU_TEST_BLOCKS, **kwargs)
   np.testing.assert_allclose(out, attention(q, k, v, impl="xla", **kwargs), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_takes_cudnn_only_where_it_applies():
+  """impl="auto" on an NVIDIA GPU: cuDNN for bf16/fp16, default positions, head dim <= 128."""
+  from kernels.attention import auto_prefers_cudnn
+
+  ok = dict(nvidia_gpu=True, dtype=jnp.bfloat16, head_dim=128, custom_mask=False)
+  assert auto_prefers_cudnn(**ok)
+  assert auto_prefers_cudnn(**ok | dict(dtype=jnp.float16))
+  for change in (
+    dict(nvidia_gpu=False),  # TPU, CPU or another GPU vendor
+    dict(dtype=jnp.float32),  # cuDNN rejects float32
+    dict(head_dim=256),  # not measured
+    dict(custom_mask=True),  # segment ids or positions: Pallas
+  ):
+    assert not auto_prefers_cudnn(**ok | change), change
+  # On this CPU "auto" is still XLA: same values as impl="xla", bit for bit.
+  q, k, v = (jax.random.normal(jax.random.key(i), (1, 8, 2, 16), jnp.bfloat16) for i in range(3))
+  auto, xla = (attention(q, k, v, causal=True, impl=i) for i in ("auto", "xla"))
+  np.testing.assert_array_equal(auto, xla)
