@@ -31,9 +31,9 @@ Training (`__call__`; the trainer adds aux["losses"] to the final layer's LM los
   * t counts training forward calls (`schedule_step`, a non-parameter
     variable the trainer carries in its model_state): steps × grad_accum_steps.
     `model.eval()` (or deterministic=True) turns the layer dropout off.
-  * Exit targets: the next token of the same segment, unless `targets_BS` /
-    `loss_mask_BS` are passed (the trainer does not pass them, so the last
-    token of each packed segment has no exit loss).
+  * Exit targets: `targets_BS` / `loss_mask_BS` when passed (the trainer passes
+    its objective's, so the exits learn the LM targets, SFT's response tokens or
+    GRPO's generated tokens), else the next token of the same segment.
 
 Decoding (CALM): the prompt runs through every block (`forward_cached`, the
 dense model's). At each decode step a row leaves after the first exit whose

@@ -419,3 +419,43 @@ def test_validation_and_registry():
   config = layerskip_lm.get_config()
   config.total_steps = 50
   assert config_lib.validate(config, num_devices=1).model_config.curriculum_steps == 50
+
+
+def test_the_trainer_gives_exit_losses_the_objectives_targets():
+  """The trainer passes its batch's targets and loss mask (e.g. SFT's response tokens) to a model
+  whose losses take them, and nothing to one whose forward has no such arguments."""
+  from train import trainer
+
+  tokens = jax.random.randint(jax.random.key(5), (2, 15), 0, 64)
+  mb = {
+    "tokens": tokens,
+    "positions": jnp.broadcast_to(jnp.arange(15), (2, 15)),
+    "segment_ids": jnp.ones((2, 15), jnp.int32),
+    "targets": jnp.roll(tokens, -1, axis=1),
+    "loss_mask": jnp.zeros((2, 15)).at[:, 8:12].set(1.0),  # 8 response tokens
+  }
+  model = _model(exit_loss="calm")
+  kwargs = trainer._target_kwargs(model, mb)
+  assert set(kwargs) == {"targets_BS", "loss_mask_BS"}
+  assert (
+    trainer._target_kwargs(
+      transformer.Transformer(transformer.Config(**TINY), rngs=nnx.Rngs(0)), mb
+    )
+    == {}
+  )
+
+  def exit_ce(**kw):  # eager: the targets are arrays, not static arguments
+    inputs = (mb["tokens"], mb["positions"], mb["segment_ids"])
+    aux = model(*inputs, deterministic=True, **kw)[1]
+    return float(aux["metrics"]["early_exit/ce_exit1"])
+
+  # With the mask, the exit CE is the mean over the 8 response tokens alone.
+  logits = np.asarray(
+    call(model, "forward_with_exits", tokens, jnp.ones((2, 15), jnp.int32), None, mb["segment_ids"])
+  )
+  z = logits[:, 8:12].astype(np.float64)
+  target = np.asarray(mb["targets"])[:, 8:12]
+  lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+  want = float(np.mean(lse - np.take_along_axis(z, target[..., None], -1)[..., 0]))
+  assert exit_ce(**kwargs) == pytest.approx(want, rel=1e-5)
+  assert exit_ce() != pytest.approx(want, rel=1e-3)  # the default: every next token

@@ -30,6 +30,7 @@ reports in `aux["losses"]` added.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -143,6 +144,14 @@ def _split(model):
   return graphdef, params, rest
 
 
+def _target_kwargs(model, mb) -> dict:
+  """The batch's targets and loss mask for a model whose own losses take them (early exit: its
+  exit losses then train on exactly the objective's targets, e.g. SFT's response tokens)."""
+  if "targets_BS" not in inspect.signature(type(model).__call__).parameters:
+    return {}
+  return {"targets_BS": mb["targets"], "loss_mask_BS": mb["loss_mask"]}
+
+
 def setup(
   run, config, mesh: Mesh, *, objective: losses.Objective | None = None, donate: bool = True
 ) -> Setup:
@@ -221,7 +230,9 @@ def setup(
     model = nnx.merge(graphdef, params, rest) if has_rest else nnx.merge(graphdef, params)
     if not training:
       model.eval()
-    logits_BSV, aux = model(mb["tokens"], mb["positions"], mb["segment_ids"])
+    logits_BSV, aux = model(
+      mb["tokens"], mb["positions"], mb["segment_ids"], **_target_kwargs(model, mb)
+    )
     new_rest = _split(model)[2].to_pure_dict() if has_rest else rest
     aux = aux or {}
     return logits_BSV, dict(aux.get("losses", {})), dict(aux.get("metrics", {})), new_rest
