@@ -23,7 +23,10 @@ A stage whose marker (WORKDIR/stages/NAME.json) says it finished with the same c
 same config values is skipped, so an interrupted study resumes where it stopped (a training
 stage killed midway resumes from its own last checkpoint); a marker with another command or
 other config values (sizes changed in configs/markov_e2e_common.py) is an error: use a fresh
---workdir. Each stage's output goes to WORKDIR/logs/NAME.log.
+--workdir, or pass --rerun_changed to rerun just those stages and every later stage that reads a
+rerun stage's directory (the SFT stages are kept when only the GRPO sizes changed). A rerun
+stage's old directory is kept as DIR.replaced-FINGERPRINT and its old marker as
+WORKDIR/stages/NAME.json.replaced-FINGERPRINT. Each stage's output goes to WORKDIR/logs/NAME.log.
 
 Then benchmarks/markov_e2e_report.py turns the workdir into benchmarks/results/NAME.json and
 NAME.png, NAME the preset's `name` (markov_e2e, markov_signal; with --quick:
@@ -162,6 +165,38 @@ def completed(workdir: str, stage: Stage) -> dict | None:
   return marker if marker.get("finished") else None
 
 
+def marker_differs(workdir: str, stage: Stage) -> dict | None:
+  """The stage's marker if it ran with another command or other config values, else None."""
+  path = marker_path(workdir, stage)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    marker = json.load(f)
+  same = (marker.get("command"), marker.get("config")) == (stage.command, stage.config)
+  return None if same else marker
+
+
+def run_dir(stage: Stage) -> str:
+  return next(a.split("=", 1)[1] for a in stage.argv if a.startswith("--workdir="))
+
+
+def reads(stage: Stage, directory: str) -> bool:
+  """Whether the stage's command names the directory or a path under it."""
+  return any(a.endswith("=" + directory) or f"={directory}{os.sep}" in a for a in stage.argv)
+
+
+def set_aside(path: str, tag: str) -> str | None:
+  """Renames path (if it exists) to path.replaced-TAG[-N]; returns the new name."""
+  if not os.path.exists(path):
+    return None
+  target, n = f"{path}.replaced-{tag}", 1
+  while os.path.exists(target):
+    n += 1
+    target = f"{path}.replaced-{tag}-{n}"
+  os.rename(path, target)
+  return target
+
+
 def child_environment(workdir: str) -> dict:
   env = dict(os.environ)
   if "JAX_COMPILATION_CACHE_DIR" not in env:
@@ -208,13 +243,33 @@ def run_stage(workdir: str, stage: Stage, bar, verbose: bool) -> dict:
   return write_marker(workdir, stage, seconds=seconds, finished=time.time())
 
 
-def run_all(workdir: str, stages: list[Stage], verbose: bool = False) -> list[dict]:
-  """Runs (or skips) every stage; returns [{name, command, seconds, skipped}] in order."""
+def run_all(
+  workdir: str, stages: list[Stage], verbose: bool = False, rerun_changed: bool = False
+) -> list[dict]:
+  """Runs (or skips) every stage; returns [{name, command, seconds, skipped}] in order.
+
+  With rerun_changed, a stage whose marker has another command or config, or whose command
+  reads the directory of a stage rerun before it, is run again from scratch (its old directory
+  and marker set aside) instead of being an error."""
   done = []
+  rerun_dirs: set[str] = set()  # directories this call fills anew
   bar = tqdm(total=len(stages), unit="stage", dynamic_ncols=True)
   try:
     for i, stage in enumerate(stages, 1):
       bar.set_description(stage.name)
+      if rerun_changed:
+        old = marker_differs(workdir, stage)
+        upstream = [d for d in rerun_dirs if reads(stage, d)]
+        if old is not None or upstream:
+          tag = (old or {}).get("config") or "upstream"
+          why = "its config or command changed" if old is not None else f"it reads {upstream[0]}"
+          moved = set_aside(run_dir(stage), tag) if run_dir(stage) not in rerun_dirs else None
+          set_aside(marker_path(workdir, stage), tag)
+          tqdm.write(
+            f"[{i}/{len(stages)}] {stage.name}: rerun, {why}"
+            + (f" (old directory kept as {moved})" if moved else "")
+          )
+          rerun_dirs.add(run_dir(stage))
       marker = completed(workdir, stage)
       skipped = marker is not None
       if skipped:
@@ -240,6 +295,11 @@ def parse_args(argv=None):
   p.add_argument("--quick", action="store_true", help="--study=quick: the toy sizes of QUICK")
   p.add_argument("--workdir", default=None, help="every stage's workdir (default /tmp/NAME)")
   p.add_argument("--verbose", action="store_true", help="echo every stage's output")
+  p.add_argument(
+    "--rerun_changed",
+    action="store_true",
+    help="rerun stages whose config changed (and those reading their output) instead of failing",
+  )
   p.add_argument("--out", default=None, help="JSON path (default: see the module docstring)")
   p.add_argument("--png", default=None, help="PNG path (default: next to the JSON)")
   args = p.parse_args(argv)
@@ -261,7 +321,9 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   os.makedirs(args.workdir, exist_ok=True)
   stages = plan(args.workdir, args.study)
-  stage_records = run_all(args.workdir, stages, verbose=args.verbose)
+  stage_records = run_all(
+    args.workdir, stages, verbose=args.verbose, rerun_changed=args.rerun_changed
+  )
   command = " ".join(["python -m benchmarks.markov_e2e", *(sys.argv[1:] if argv is None else argv)])
   result = report.build(args.workdir, args.study, stage_records, command=command)
   report.write(result, args.out, args.png)

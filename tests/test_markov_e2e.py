@@ -199,6 +199,44 @@ def test_a_stage_run_with_another_command_or_config_is_an_error(tmp_path):
       markov_e2e.completed(workdir, stage)
 
 
+def test_rerun_changed_reruns_the_changed_stages_and_those_reading_them(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  stages = markov_e2e.plan(workdir, "quick")
+  ran = []
+
+  def fake_run(workdir_, stage, bar, verbose):
+    ran.append(stage.name)
+    os.makedirs(markov_e2e.run_dir(stage), exist_ok=True)
+    return markov_e2e.write_marker(workdir_, stage, seconds=2.0, finished=2.0)
+
+  monkeypatch.setattr(markov_e2e, "run_stage", fake_run)
+  markov_e2e.run_all(workdir, stages)
+  assert ran == [s.name for s in stages]
+  old_fp = next(s.config for s in stages if s.name == "grpo_longcot")
+  # Only the LongCoT config changed: SFT and Delethink stages are kept, LongCoT's rerun.
+  longcot = [
+    dataclasses.replace(s, config="new") if "markov_e2e_longcot" in s.command else s for s in stages
+  ]
+  with pytest.raises(ValueError, match="use a fresh --workdir"):
+    markov_e2e.run_all(workdir, longcot)
+  ran.clear()
+  records = markov_e2e.run_all(workdir, longcot, rerun_changed=True)
+  assert ran == [s.name for s in longcot if s.config == "new"] and "grpo_longcot" in ran
+  assert [r["name"] for r in records if not r["skipped"]] == ran
+  grpo_dir = os.path.join(workdir, "grpo_longcot")
+  assert os.path.isdir(grpo_dir) and os.path.isdir(f"{grpo_dir}.replaced-{old_fp}")
+  assert os.path.exists(os.path.join(workdir, "stages", f"grpo_longcot.json.replaced-{old_fp}"))
+  ran.clear()
+  markov_e2e.run_all(workdir, longcot, rerun_changed=True)  # now complete: all skipped
+  assert ran == []
+  # A changed SFT config reruns everything downstream of it, even stages whose config did not.
+  sft_changed = [
+    dataclasses.replace(s, config="sft2") if "_sft" in s.command else s for s in longcot
+  ]
+  markov_e2e.run_all(workdir, sft_changed, rerun_changed=True)
+  assert ran == [s.name for s in stages]
+
+
 def test_the_signal_preset_builds_valid_configs():
   sig = common.study("signal")
   assert sig is common.SIGNAL and sig.envs == ("longcot",) and sig.rl_steps == 50
