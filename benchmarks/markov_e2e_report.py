@@ -285,6 +285,25 @@ def accuracy_vs_rl_step(workdir: str, s: common.Study, sft_eval: dict) -> dict:
   return out
 
 
+DIAGNOSTICS = ("reward", "approx_kl", "clip_fraction", "entropy", "grad_norm")
+
+
+def rl_diagnostics(records: list[dict], window: int = 10) -> dict:
+  """Means of the GRPO update's health signals over consecutive windows of RL steps (reward:
+  the training rollouts'; approx_kl and clip_fraction: the policy's move per step; entropy in
+  nats per sampled token), and the learning rate the run used."""
+  windows = []
+  for start in range(0, len(records), window):
+    chunk = records[start : start + window]
+    row = {"steps": [chunk[0]["step"], chunk[-1]["step"]]}
+    for key in DIAGNOSTICS:
+      values = [float(r[key]) for r in chunk if key in r]
+      row[key] = sum(values) / len(values) if values else None
+    windows.append(row)
+  rates = sorted({float(r["learning_rate"]) for r in records if "learning_rate" in r})
+  return {"learning_rate": rates, "windows": windows}
+
+
 def build(workdir: str, study: str, stages: list[dict], *, command: str) -> dict:
   s = common.study(study)
   envs = s.envs
@@ -315,6 +334,9 @@ def build(workdir: str, study: str, stages: list[dict], *, command: str) -> dict
     r[f"{env}_rollout_s_per_step"] = timing[env]["rollout_s_per_step"]
     r[f"{env}_update_s_per_step"] = timing[env]["update_s_per_step"]
   r["rl_timing"] = timing
+  r["rl_diagnostics"] = {
+    env: rl_diagnostics(read_metrics(os.path.join(workdir, f"grpo_{env}"))) for env in envs
+  }
   if set(envs) == set(ENVS):  # the Delethink vs LongCoT claims need both runs
     r["rollout_s_ratio_longcot_over_delethink"] = (
       r["longcot_rollout_s_per_step"] / r["delethink_rollout_s_per_step"]

@@ -104,6 +104,12 @@ def test_every_field_is_there_with_the_quick_sizes(quick):
   assert result["heldout"]["same_problems_in_every_config"]
   assert result["heldout"]["overlap_with_training"] == 0
   assert result["heldout"]["evaluations_report_the_same_count"]
+  for env in ("delethink", "longcot"):
+    diagnostics = result["rl_diagnostics"][env]
+    assert diagnostics["learning_rate"] == [pytest.approx(S.rl_learning_rate)]
+    assert diagnostics["windows"][0]["steps"][0] == 1
+    assert diagnostics["windows"][-1]["steps"][1] == S.rl_steps
+    assert all(w["approx_kl"] is not None for w in diagnostics["windows"])
 
 
 def test_curves_have_one_point_per_setting(quick):
