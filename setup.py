@@ -25,9 +25,11 @@ setup(
     "benchmarks",
   ],
   install_requires=[
-    # JAX 0.10.x runs on Python 3.11, 0.11.x on 3.12; both are supported.
+    # JAX 0.10.x runs on Python 3.11, 0.11.x on 3.12; both are supported. flax 0.12.8 does not
+    # import on JAX 0.11.2 (jax.experimental.hijax has no HiPrimitive); 0.12.10 does (H200 run).
     "jax>=0.10,<0.12",
-    "flax>=0.12.8,<0.14",
+    "flax>=0.12.8,<0.14; python_version < '3.12'",
+    "flax>=0.12.10,<0.14; python_version >= '3.12'",
     "optax>=0.2.5",
     "orbax-checkpoint>=0.11",
     "grain>=0.2.12",
