@@ -128,10 +128,15 @@ def _interpret_param(platform: str, interpret: bool):
   return params()
 
 
-def _resolve_impl(impl: str, interpret: bool) -> str:
+def _resolve_impl(impl: str, interpret: bool, cudnn_applies: bool = False) -> str:
+  """The implementation "auto" stands for: cuDNN where `cudnn_applies` (see
+  `auto_prefers_cudnn`) unless interpreting, else Pallas on TPU/GPU or when interpreting, else
+  XLA."""
   if impl not in IMPLS:
     raise ValueError(f"attention impl={impl!r}; allowed: {IMPLS}")
   if impl == "auto":
+    if cudnn_applies and not interpret:
+      return "cudnn"
     return "pallas" if interpret or jax.default_backend() in PALLAS_PLATFORMS else "xla"
   return impl
 
@@ -273,18 +278,13 @@ def attention(
     [B, S, H, D] in the dtype of `q_BSHD`; rows with no visible key are zero.
   """
   custom = any(x is not None for x in (segment_ids, positions, kv_segment_ids, kv_positions))
-  if (
-    impl == "auto"
-    and not interpret
-    and auto_prefers_cudnn(
-      nvidia_gpu=jax.default_backend() == "gpu" and is_nvidia_gpu(),
-      dtype=q_BSHD.dtype,
-      head_dim=q_BSHD.shape[-1],
-      custom_mask=custom,
-    )
-  ):
-    impl = "cudnn"
-  impl = _resolve_impl(impl, interpret)
+  cudnn_applies = impl == "auto" and auto_prefers_cudnn(
+    nvidia_gpu=jax.default_backend() == "gpu" and is_nvidia_gpu(),
+    dtype=q_BSHD.dtype,
+    head_dim=q_BSHD.shape[-1],
+    custom_mask=custom,
+  )
+  impl = _resolve_impl(impl, interpret, cudnn_applies)
   b, s, h, d = q_BSHD.shape
   t, num_kv_heads = k_BTKD.shape[1], k_BTKD.shape[2]
   if k_BTKD.shape != v_BTKD.shape or k_BTKD.shape[0] != b or k_BTKD.shape[3] != d:
