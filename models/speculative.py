@@ -216,9 +216,14 @@ def _phase(
         draft_B = _categorical(_fold(keys_B, j), q_BV)
       return (draft_B, unstack_cache(cache)), (draft_B, q_BV, exit_state)
 
-    (last_draft_B, layers), (drafts_KB, q_KBV, states_K) = jax.lax.scan(
-      draft, (last_B[:, 0], loop.cache_layers), jnp.arange(k, dtype=jnp.int32)
-    )
+    # Unrolled, not a lax.scan: inside a scan the weights would be one stacked
+    # loop operand, which XLA copies (and slices with copies) on every draft.
+    carry_in, outs = (last_B[:, 0], loop.cache_layers), []
+    for j in range(k):
+      carry_in, out = draft(carry_in, j)
+      outs.append(out)
+    last_draft_B, layers = carry_in
+    drafts_KB, q_KBV, states_K = jax.tree.map(lambda *a: jnp.stack(a), *outs)
     # The k-th draft's own exit state (its draft logits are dead code).
     _, state_last, cache = model.draft_step(
       last_draft_B[:, None], (loop.positions_B + k)[:, None], restack_cache(layers), e
