@@ -48,6 +48,7 @@ smoke test, written under the workdir).
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import importlib
 import json
@@ -172,8 +173,6 @@ def parse_args(argv=None):
 
 def parse_sets(sets: list[str]) -> dict:
   """["model.num_layers=16", ...] -> {"model.num_layers": 16}: Python literals, else strings."""
-  import ast
-
   out = {}
   for item in sets:
     field, sep, text = item.partition("=")

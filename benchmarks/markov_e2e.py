@@ -148,15 +148,27 @@ def write_marker(workdir: str, stage: Stage, **fields) -> dict:
   return marker
 
 
-def completed(workdir: str, stage: Stage) -> dict | None:
-  """The stage's marker if it finished; None if it never ran or was interrupted (a rerun
-  resumes it); ValueError if it ran with another command or other config values."""
+def read_marker(workdir: str, stage: Stage) -> dict | None:
+  """The stage's marker, or None if it never ran."""
   path = marker_path(workdir, stage)
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    marker = json.load(f)
-  if (marker.get("command"), marker.get("config")) != (stage.command, stage.config):
+    return json.load(f)
+
+
+def same_run(marker: dict, stage: Stage) -> bool:
+  """Whether the marker was written by this stage's command with these config values."""
+  return (marker.get("command"), marker.get("config")) == (stage.command, stage.config)
+
+
+def completed(workdir: str, stage: Stage) -> dict | None:
+  """The stage's marker if it finished; None if it never ran or was interrupted (a rerun
+  resumes it); ValueError if it ran with another command or other config values."""
+  marker = read_marker(workdir, stage)
+  if marker is None:
+    return None
+  if not same_run(marker, stage):
     raise ValueError(
       f"--workdir={workdir}: stage {stage.name} ran there as\n  {marker.get('command')}\n"
       f"(config fingerprint {marker.get('config')}), this study runs\n  {stage.command}\n"
@@ -167,13 +179,8 @@ def completed(workdir: str, stage: Stage) -> dict | None:
 
 def marker_differs(workdir: str, stage: Stage) -> dict | None:
   """The stage's marker if it ran with another command or other config values, else None."""
-  path = marker_path(workdir, stage)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    marker = json.load(f)
-  same = (marker.get("command"), marker.get("config")) == (stage.command, stage.config)
-  return None if same else marker
+  marker = read_marker(workdir, stage)
+  return None if marker is None or same_run(marker, stage) else marker
 
 
 def run_dir(stage: Stage) -> str:

@@ -12,15 +12,17 @@ Accuracies are at the training budget B = C + (I - 1)(C - m) on the same held-ou
 `_stderr` = sqrt(p (1 - p) / n) and `_n` = n (problems x samples). `learning_signal` compares
 each RL model with its step 0 (the SFT model in the same environment) on the same problems: the
 difference, its standard error and a two-proportion z test (unpooled SE, two-sided p; the
-problems are shared, so with positively correlated outcomes the test is conservative). Rollout seconds per RL step are means over the RL steps that
-compiled no XLA program (metrics.jsonl's rollout_compiles == 0; the first step compiles every
-rollout program), or over all steps when every step compiled.
+problems are shared, so with positively correlated outcomes the test is conservative). Rollout
+seconds per RL step are means over the RL steps that compiled no XLA program (metrics.jsonl's
+rollout_compiles == 0; the first step compiles every rollout program), or over all steps when
+every step compiled.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -108,8 +110,6 @@ def _questions(task_name: str, options: dict, split: str, count: int, seed: int)
 def heldout_check(study: str) -> dict:
   """The held-out problems of every config's rl_eval are one list, and none of them is a
   problem any training run draws (SFT's train examples, every GRPO run's prompts)."""
-  import importlib
-
   envs = common.study(study).envs
   configs = {
     kind: importlib.import_module(f"configs.markov_e2e_{kind}").get_config(study)
@@ -329,14 +329,13 @@ def build(workdir: str, study: str, stages: list[dict], *, command: str) -> dict
     r[f"{env}_budget_curve"] = budget_curve(rl_eval[env], env)
   for env in ("longcot", *(e for e in envs if e != "longcot")):
     r[f"sft_{env}_budget_curve"] = budget_curve(sft_eval, env)
-  timing = {env: rollout_timing(read_metrics(os.path.join(workdir, f"grpo_{env}"))) for env in envs}
+  metrics = {env: read_metrics(os.path.join(workdir, f"grpo_{env}")) for env in envs}
+  timing = {env: rollout_timing(metrics[env]) for env in envs}
   for env in envs:
     r[f"{env}_rollout_s_per_step"] = timing[env]["rollout_s_per_step"]
     r[f"{env}_update_s_per_step"] = timing[env]["update_s_per_step"]
   r["rl_timing"] = timing
-  r["rl_diagnostics"] = {
-    env: rl_diagnostics(read_metrics(os.path.join(workdir, f"grpo_{env}"))) for env in envs
-  }
+  r["rl_diagnostics"] = {env: rl_diagnostics(metrics[env]) for env in envs}
   if set(envs) == set(ENVS):  # the Delethink vs LongCoT claims need both runs
     r["rollout_s_ratio_longcot_over_delethink"] = (
       r["longcot_rollout_s_per_step"] / r["delethink_rollout_s_per_step"]

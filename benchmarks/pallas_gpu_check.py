@@ -124,9 +124,8 @@ def main():
   case("decode f32 B4 T512 H4 K2 D64 Q1", decode(4, 512, 4, 2, 64, 1, jnp.float32))
   case("decode bf16 B8 T16384 H32 K8 D128 Q1", decode(8, 16384, 32, 8, 128, 1, jnp.bfloat16))
   case("decode bf16 B8 T4096 H32 K8 D128 Q5", decode(8, 4096, 32, 8, 128, 5, jnp.bfloat16))
-  json.dump(
-    out, open(os.path.join(os.environ.get("OUT", "/tmp"), "pallas_gpu.json"), "w"), indent=1
-  )
+  with open(os.path.join(os.environ.get("OUT", "/tmp"), "pallas_gpu.json"), "w") as f:
+    json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":
