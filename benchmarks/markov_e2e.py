@@ -18,6 +18,8 @@ as a subprocess with its own workdir under --workdir:
                    learning rate and seed (a preset's `envs` says which of the two run)
   *_eval           each RL model on the same held-out problems along its budget curve
   *_eval_stepK     intermediate RL checkpoints at the training budget (accuracy vs RL step)
+  *_eval_greedy    where the preset evaluates sampled traces: the SFT and final RL models
+                   greedy at the training budget (eval_greedy.json beside eval.json)
 
 A stage whose marker (WORKDIR/stages/NAME.json) says it finished with the same command and the
 same config values is skipped, so an interrupted study resumes where it stopped (a training
@@ -128,6 +130,20 @@ def plan(workdir: str, study: str) -> list[Stage]:
           f"--config.init_from={checkpoint}",
           at_training_budget[env],
           "--output=eval.json",
+        )
+      )
+  if s.eval_temperature > 0:  # sampled evaluations: greedy ones of step 0 and the end beside them
+    greedy = ("--config.rl_eval.temperature=0.0", "--config.rl_eval.num_samples=1")
+    greedy += ("--output=eval_greedy.json",)
+    sft_settings = [at_training_budget["longcot"]]
+    sft_settings += [at_training_budget[e] for e in s.envs if e != "longcot"]
+    stages.append(
+      stage("sft_eval_greedy", "train.evaluate", "sft", sft_dir, *sft_settings, *greedy)
+    )
+    for env in s.envs:
+      stages.append(
+        stage(
+          f"{env}_eval_greedy", "train.evaluate", env, rl_dir[env], at_training_budget[env], *greedy
         )
       )
   return stages

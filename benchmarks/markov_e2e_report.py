@@ -11,8 +11,13 @@ Accuracies are at the training budget B = C + (I - 1)(C - m) on the same held-ou
 `delethink_rl_accuracy`, `longcot_rl_accuracy` (those of the preset's `envs` only); each with
 `_stderr` = sqrt(p (1 - p) / n) and `_n` = n (problems x samples). `learning_signal` compares
 each RL model with its step 0 (the SFT model in the same environment) on the same problems: the
-difference, its standard error and a two-proportion z test (unpooled SE, two-sided p; the
-problems are shared, so with positively correlated outcomes the test is conservative). Rollout
+difference, its standard error and a z test: paired by problem where both evaluations list
+per-problem accuracies (d_i = a problem's change in mean reward over its samples; SE =
+std(d, ddof 1) / sqrt(P)), else a two-proportion test (unpooled SE, two-sided p; the problems
+are shared, so with positively correlated outcomes it is conservative; but it takes a problem's
+samples as independent, so with several samples per problem it is not). A preset that samples
+its evaluations (eval_temperature > 0) adds `learning_signal_greedy`, the same comparison under
+greedy decoding (stages *_eval_greedy). Rollout
 seconds per RL step are means over the RL steps that compiled no XLA program (metrics.jsonl's
 rollout_compiles == 0; the first step compiles every rollout program), or over all steps when
 every step compiled.
@@ -159,16 +164,46 @@ def two_proportion_test(p0: float, n0: int, p1: float, n1: int) -> dict:
   }
 
 
-def learning_signal(by_step: dict, envs: tuple[str, ...]) -> dict:
+def paired_test(step0_P: list[float], final_P: list[float]) -> dict:
+  """The mean per-problem change d = final - step 0 over P problems both models saw (each entry a
+  problem's mean reward over its samples), its standard error std(d, ddof 1) / sqrt(P), z and
+  the two-sided normal p-value, and how many problems rose and fell."""
+  if len(step0_P) != len(final_P) or len(final_P) < 2:
+    raise ValueError(f"paired_test: {len(step0_P)} vs {len(final_P)} problems; need equal, >= 2")
+  d = [b - a for a, b in zip(step0_P, final_P, strict=True)]
+  n = len(d)
+  mean = sum(d) / n
+  se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+  z = mean / se if se else 0.0
+  return {
+    "difference": mean,
+    "difference_stderr": se,
+    "z": z,
+    "p_value_two_sided": math.erfc(abs(z) / math.sqrt(2)),
+    "problems": n,
+    "problems_up": sum(x > 0 for x in d),
+    "problems_down": sum(x < 0 for x in d),
+  }
+
+
+def learning_signal(by_step: dict, envs: tuple[str, ...], problems: dict | None = None) -> dict:
   """Per env: held-out accuracy at step 0 (SFT) and at the end, and the test of the change;
-  met = the end is higher at p < 0.05."""
+  met = the end is higher at p < 0.05. `problems` (env -> (step 0's, the end's per-problem
+  accuracies), where both evaluations have them): the test is the paired one by problem (a
+  problem's samples are not independent), with the two-proportion test kept beside it."""
   out = {}
   for env in envs:
     (_, p0, se0, n0), (step, p1, se1, n1) = by_step[env]["heldout"][0], by_step[env]["heldout"][-1]
     test = two_proportion_test(p0, n0, p1, n1)
+    target = "held-out accuracy after RL > at step 0, two-proportion z test, p < 0.05"
+    row = {}
+    if (problems or {}).get(env):
+      row["two_proportion"] = test
+      test = paired_test(*problems[env])
+      target = "held-out accuracy after RL > at step 0, z test paired by problem, p < 0.05"
     out[env] = {
       "met": bool(test["difference"] > 0 and test["p_value_two_sided"] < 0.05),
-      "target": "held-out accuracy after RL > at step 0, two-proportion z test, p < 0.05",
+      "target": target,
       "step0_accuracy": p0,
       "step0_stderr": se0,
       "rl_steps": step,
@@ -176,7 +211,38 @@ def learning_signal(by_step: dict, envs: tuple[str, ...]) -> dict:
       "rl_stderr": se1,
       "n": n1,
       **test,
+      **row,
     }
+  return out
+
+
+def problem_accuracies(evaluation: dict, env: str, s: common.Study) -> list[float] | None:
+  """Per-problem accuracy at the training budget (None for evaluations written without it)."""
+  return curve_point(evaluation, env, training_setting(s, env)).get("problem_accuracy")
+
+
+def paired_problems(step0: dict, final: dict, envs, s: common.Study) -> dict:
+  """env -> (step 0's, the end's per-problem accuracies), where both evaluations have them."""
+  pairs = {}
+  for env in envs:
+    a, b = problem_accuracies(step0, env, s), problem_accuracies(final, env, s)
+    if a is not None and b is not None:
+      pairs[env] = (a, b)
+  return pairs
+
+
+def greedy_check(workdir: str, s: common.Study) -> dict | None:
+  """Where the study samples its evaluations: greedy accuracy of the SFT and the final RL models
+  at the training budget, with the paired test of the change (stages *_eval_greedy)."""
+  if s.eval_temperature <= 0:
+    return None
+  sft = read_json(os.path.join(workdir, "sft", "eval_greedy.json"))
+  out = {}
+  for env in s.envs:
+    final = read_json(os.path.join(workdir, f"grpo_{env}", "eval_greedy.json"))
+    by_step = {env: {"heldout": [[0, *at_training_budget(sft, env, s).values()]]}}
+    by_step[env]["heldout"].append([s.rl_steps, *at_training_budget(final, env, s).values()])
+    out[env] = learning_signal(by_step, (env,), paired_problems(sft, final, (env,), s))[env]
   return out
 
 
@@ -261,6 +327,12 @@ def task_sizes(s: common.Study) -> dict:
   }
 
 
+def evaluation_decoding(s: common.Study) -> str:
+  if s.eval_temperature <= 0:
+    return "greedy"
+  return f"temperature {s.eval_temperature}, {s.eval_samples} sample(s) per problem"
+
+
 def accuracy_vs_rl_step(workdir: str, s: common.Study, sft_eval: dict) -> dict:
   """Held-out accuracy at the training budget at step 0 (SFT), the intermediate checkpoints and
   the end; and the sampled accuracy of each RL step's training rollouts (metrics.jsonl)."""
@@ -278,7 +350,8 @@ def accuracy_vs_rl_step(workdir: str, s: common.Study, sft_eval: dict) -> dict:
       "train_rollouts": [[r["step"], float(r["accuracy"])] for r in records],
     }
   out["note"] = (
-    "heldout: greedy, on the held-out problems at the training budget (step 0 = the SFT model "
+    f"heldout: {evaluation_decoding(s)}, on the held-out problems at the training budget (step "
+    "0 = the SFT model "
     f"under that environment); train_rollouts: each RL step's sampled rollouts (temperature "
     f"{s.rl_temperature}, {s.prompts_per_step} training prompts x G = {s.group_size})"
   )
@@ -317,6 +390,7 @@ def build(workdir: str, study: str, stages: list[dict], *, command: str) -> dict
     "quick": study == "quick",
     "training_budget_tokens": s.training_budget,
     "heldout_problems": int(sft_eval["problems"]),
+    "heldout_decoding": evaluation_decoding(s),
   }
   headline = {"sft_accuracy": at_training_budget(sft_eval, "longcot", s)}
   if "delethink" in envs:
@@ -345,7 +419,13 @@ def build(workdir: str, study: str, stages: list[dict], *, command: str) -> dict
     )
     r["claims"] = claims(r)
   r["accuracy_vs_rl_step"] = accuracy_vs_rl_step(workdir, s, sft_eval)
-  r["learning_signal"] = learning_signal(r["accuracy_vs_rl_step"], envs)
+  pairs = {}  # per env: its own RL model against the SFT model on the same problems
+  for env in envs:
+    pairs.update(paired_problems(sft_eval, rl_eval[env], (env,), s))
+  r["learning_signal"] = learning_signal(r["accuracy_vs_rl_step"], envs, pairs)
+  greedy = greedy_check(workdir, s)
+  if greedy is not None:
+    r["learning_signal_greedy"] = greedy
   r["heldout"] = heldout_check(study) | {
     "evaluations_report_the_same_count": len({e["problems"] for e in (sft_eval, *rl_eval.values())})
     == 1
@@ -395,9 +475,19 @@ def plot(r: dict, path: str) -> bool:
   for env in envs:
     series = r["accuracy_vs_rl_step"][env]
     steps, acc, err = zip(*[(p[0], p[1], p[2]) for p in series["heldout"]], strict=True)
-    ax.errorbar(
-      steps, acc, yerr=err, marker="o", capsize=3, color=colors[env], label=f"{env} held-out"
-    )
+    label = f"{env} held-out ({r.get('heldout_decoding', 'greedy')})"
+    ax.errorbar(steps, acc, yerr=err, marker="o", capsize=3, color=colors[env], label=label)
+    greedy = (r.get("learning_signal_greedy") or {}).get(env)
+    if greedy:
+      ax.plot(
+        [0, greedy["rl_steps"]],
+        [greedy["step0_accuracy"], greedy["rl_accuracy"]],
+        marker="s",
+        ls="--",
+        color=colors[env],
+        alpha=0.5,
+        label=f"{env} held-out greedy",
+      )
     steps, acc = zip(*series["train_rollouts"], strict=True)
     ax.plot(
       steps, acc, ls=":", color=colors[env], alpha=0.6, label=f"{env} train rollouts (sampled)"

@@ -94,6 +94,13 @@ def test_longcot_trimmed_accuracy_equals_the_hand_computed_curve():
   assert results["stderr"] == pytest.approx(np.sqrt(0.5 * 0.5 / 6))
   assert results["count"] == 6 and results["problems"] == 3
   assert "‖ chunk 1 (carry 0 tokens) ‖ x</think>" in printed
+  # Per problem (2 samples each), from the comments above: at budget 20 only (0, 0) is right;
+  # in full, one of each problem's two traces is. Problems as the units: std([.5]*3) = 0.
+  assert [p["problem_accuracy"] for p in curve] == [[0, 0, 0], [0.5, 0, 0], [0.5, 0.5, 0]] + [
+    [0.5, 0.5, 0.5]
+  ]
+  assert curve[1]["problem_stderr"] == pytest.approx(np.std([0.5, 0, 0], ddof=1) / np.sqrt(3))
+  assert results["problem_stderr"] == 0.0
 
 
 def test_delethink_accuracy_by_cap_equals_the_hand_computed_curve():

@@ -1,6 +1,6 @@
 """benchmarks/markov_e2e.py --quick end to end (toy sizes: the pipeline, not the claims).
 
-The `signal` preset is only built and validated here (no training).
+The `signal` and `signal_t1` presets are only built and validated here (no training).
 
 One run of the whole pipeline through the CLIs (SFT, its evaluation, both GRPO runs, their
 evaluations and intermediate checkpoints), then a rerun that must skip every stage. The JSON is
@@ -308,3 +308,58 @@ def test_learning_signal_is_a_two_proportion_z_test():
   assert t["met"] and t["rl_steps"] == 50
   by_step["longcot"]["heldout"][-1][1] = 0.38
   assert not markov_e2e_report.learning_signal(by_step, ("longcot",))["longcot"]["met"]
+
+
+def test_learning_signal_pairs_problems_when_the_evaluations_list_them():
+  # 4 problems, 2 samples each: d = (0.5, 0.5, 0, -0.5), mean 0.125,
+  # SE = sqrt(((3/8)^2 * 2 + (1/8)^2 + (5/8)^2) / 3 / 4) = sqrt(0.6875 / 12).
+  step0, final = [0.0, 0.5, 1.0, 0.5], [0.5, 1.0, 1.0, 0.0]
+  by_step = {"longcot": {"heldout": [[0, 0.5, 0.0, 8], [50, 0.625, 0.0, 8]]}}
+  t = markov_e2e_report.learning_signal(by_step, ("longcot",), {"longcot": (step0, final)})
+  t = t["longcot"]
+  se = math.sqrt(0.6875 / 12)
+  assert t["difference"] == pytest.approx(0.125) and t["difference_stderr"] == pytest.approx(se)
+  assert t["z"] == pytest.approx(0.125 / se)
+  assert t["p_value_two_sided"] == pytest.approx(math.erfc(0.125 / se / math.sqrt(2)))
+  assert (t["problems"], t["problems_up"], t["problems_down"]) == (4, 2, 1)
+  assert "paired" in t["target"] and not t["met"]  # z = 0.52
+  assert t["two_proportion"]["difference"] == pytest.approx(0.125)
+  with pytest.raises(ValueError, match="4 vs 3 problems"):
+    markov_e2e_report.paired_test(step0, final[:3])
+
+
+def _eval_json(path, accuracy, problem_accuracy, budget):
+  point = {"budget": budget, "accuracy": accuracy, "count": len(problem_accuracy)}
+  point["problem_accuracy"] = problem_accuracy
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"longcot": {"curve": [point]}}, f)
+
+
+def test_the_sampled_signal_preset_adds_greedy_evaluations_and_their_paired_test(tmp_path):
+  t1 = common.study("signal_t1")
+  assert t1.eval_temperature == 1.0 and t1.eval_samples > 1 and t1.rl_steps == 50
+  assert t1.eval_seed not in (common.SIGNAL.eval_seed, common.SIGNAL.eval_seed + 1)
+  for get_config in (markov_e2e_sft.get_config, markov_e2e_longcot.get_config):
+    config = get_config("signal_t1")
+    evaluate_lib.validate_rl_eval(config.rl_eval)
+    assert config.rl_eval.num_samples == t1.eval_samples and config.rl_eval.temperature == 1.0
+  check = markov_e2e_report.heldout_check("signal_t1")
+  assert check["same_problems_in_every_config"] and check["overlap_with_training"] == 0
+  stages = {s.name: s for s in markov_e2e.plan(str(tmp_path), "signal_t1")}
+  greedy = ("--config.rl_eval.temperature=0.0", "--config.rl_eval.num_samples=1")
+  budget = f"--config.rl_eval.longcot_budgets=({t1.training_budget},)"
+  for name, run_dir in (("sft_eval_greedy", "sft"), ("longcot_eval_greedy", "grpo_longcot")):
+    argv = stages[name].argv
+    assert argv[0] == "train.evaluate" and f"--workdir={tmp_path / run_dir}" in argv
+    assert set(greedy) | {budget, "--output=eval_greedy.json"} <= set(argv)
+  assert "sft_eval_greedy" not in {s.name for s in markov_e2e.plan(str(tmp_path), "signal")}
+  # The report's greedy comparison reads those files.
+  b = t1.training_budget
+  _eval_json(tmp_path / "sft" / "eval_greedy.json", 0.25, [0.0, 0.0, 1.0, 0.0], b)
+  _eval_json(tmp_path / "grpo_longcot" / "eval_greedy.json", 0.75, [1.0, 1.0, 1.0, 0.0], b)
+  g = markov_e2e_report.greedy_check(str(tmp_path), t1)["longcot"]
+  assert (g["step0_accuracy"], g["rl_accuracy"], g["rl_steps"]) == (0.25, 0.75, 50)
+  assert g["difference"] == pytest.approx(0.5) and g["problems_up"] == 2
+  assert g["difference_stderr"] == pytest.approx(math.sqrt(1 / 3 / 4))  # d = (1, 1, 0, 0)
+  assert markov_e2e_report.greedy_check(str(tmp_path), common.SIGNAL) is None

@@ -11,7 +11,8 @@ runs on them (`train.rollout`, with a progress bar) with `rl_eval.num_samples` s
 few traces are printed with their chunk boundaries marked, and DIR/`rl_eval.output` gets:
 
     {"model": ..., "task": ..., "problems": N, "num_samples": G, "temperature": T,
-     "accuracy", "stderr", "count", "mean_thinking_tokens"     (the first env, its largest setting)
+     "accuracy", "stderr", "problem_stderr", "count", "mean_thinking_tokens"
+                                                            (the first env, its largest setting)
      "delethink": {"chunk_size", "carryover", "keep_head", "mode", "accuracy", ...,
                    "curve": [{"max_chunks", "thinking_budget", "accuracy", "stderr", "count",
                               "mean_thinking_tokens", "eos_rate"}, ...]},
@@ -19,7 +20,10 @@ few traces are printed with their chunk boundaries marked, and DIR/`rl_eval.outp
      "seconds": wall time}
 
 accuracy is the mean reward over the N * G traces, stderr its binomial standard error
-sqrt(p (1 - p) / count); thinking tokens are generated tokens (EOS included).
+sqrt(p (1 - p) / count); thinking tokens are generated tokens (EOS included). Each curve point
+also has problem_accuracy (per held-out problem, in order: the mean reward of its G traces)
+and problem_stderr (the standard error with problems as the units: std(problem_accuracy) /
+sqrt(N)), from which two models on the same problems can be compared pairwise.
 
 Accuracy versus budget comes from ONE generation per trace at the largest setting:
 - Delethink, cap I in `rl_eval.max_chunks`: the trace's first I chunks are exactly the trace a
@@ -194,21 +198,31 @@ def prompting(config):
 # ----------------------------------------------------------------------------- scoring
 
 
-def summary(rewards: np.ndarray, thinking: np.ndarray) -> dict:
-  """accuracy (mean reward), its binomial standard error, count, mean thinking tokens."""
+def summary(rewards, thinking, problem_index, num_problems: int) -> dict:
+  """accuracy (mean reward), its binomial standard error, count, mean thinking tokens; and per
+  problem (rows grouped by `problem_index`, int [count], into `num_problems`): its mean reward,
+  and the standard error that takes problems as the units (a problem's samples are not
+  independent draws). rewards, thinking: float [count]."""
   count = int(rewards.size)
   accuracy = float(rewards.mean()) if count else 0.0
+  per_problem = np.bincount(problem_index, weights=rewards, minlength=num_problems) / np.maximum(
+    np.bincount(problem_index, minlength=num_problems), 1
+  )
   return {
     "accuracy": accuracy,
     "stderr": math.sqrt(accuracy * (1 - accuracy) / count) if count else 0.0,
+    "problem_stderr": float(per_problem.std(ddof=1) / math.sqrt(num_problems))
+    if num_problems > 1
+    else 0.0,
     "count": count,
     "mean_thinking_tokens": float(thinking.mean()) if count else 0.0,
+    "problem_accuracy": [round(float(x), 6) for x in per_problem],
   }
 
 
 def delethink_curve(task, problems, queries, result, caps, decode, require_think) -> list[dict]:
   """Per cap I: the reward of chunk I's visible window (or the trace's last, if shorter)."""
-  curve = []
+  curve, problem_index = [], np.asarray(result.problem_index, np.int64)
   for cap in caps:
     rewards, thinking, eos = [], [], []
     for row, trace in enumerate(result.traces):
@@ -221,7 +235,10 @@ def delethink_curve(task, problems, queries, result, caps, decode, require_think
       )
       thinking.append(sum(len(c.output) for c in chunks))
       eos.append(len(trace) <= cap and bool(result.ended_on_eos[row]))
-    point = {"max_chunks": cap, **summary(np.array(rewards), np.array(thinking))}
+    point = {
+      "max_chunks": cap,
+      **summary(np.array(rewards), np.array(thinking), problem_index, len(problems)),
+    }
     point["eos_rate"] = float(np.mean(eos)) if eos else 0.0
     curve.append(point)
   return curve
@@ -245,7 +262,11 @@ def longcot_curve(task, problems, result, budgets, decode, require_think) -> lis
       )
       rewards[i, row] = full_reward if settled else 0.0
       thinking[i, row] = min(len(output), budgets[i])
-  return [{"budget": b, **summary(rewards[i], thinking[i])} for i, b in enumerate(budgets)]
+  index = np.asarray(result.problem_index, np.int64)
+  return [
+    {"budget": b, **summary(rewards[i], thinking[i], index, len(problems))}
+    for i, b in enumerate(budgets)
+  ]
 
 
 # ----------------------------------------------------------------------------- running
@@ -346,13 +367,13 @@ def evaluate(
       result = _batched(rollout_fn, env, queries, ev, sampling, rng, progress)
       curve = longcot_curve(task, problems, result, budgets, decode, ev.require_think)
       section = {"budget": budgets[-1]}
-    section.update({k: curve[-1][k] for k in ("accuracy", "stderr", "count")})
+    section.update({k: curve[-1][k] for k in ("accuracy", "stderr", "problem_stderr", "count")})
     section["mean_thinking_tokens"] = curve[-1]["mean_thinking_tokens"]
     section["curve"] = curve
     results[name] = section
     print_samples(name, problems, queries, result, decode, int(ev.print_samples), file=out)
   headline = results[ev.envs[0]]
-  for key in ("accuracy", "stderr", "count", "mean_thinking_tokens"):
+  for key in ("accuracy", "stderr", "problem_stderr", "count", "mean_thinking_tokens"):
     results[key] = headline[key]
   results["seconds"] = time.perf_counter() - started
   return results
