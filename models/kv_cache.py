@@ -53,3 +53,17 @@ def write(cache_BTKD: jax.Array, new_BSKD: jax.Array, positions_BS: jax.Array) -
   b = cache_BTKD.shape[0]
   rows_BS = jnp.broadcast_to(jnp.arange(b)[:, None], positions_BS.shape)
   return cache_BTKD.at[rows_BS, positions_BS].set(new_BSKD.astype(cache_BTKD.dtype), mode="drop")
+
+
+def after(value: jax.Array, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """`arrays` unchanged, but computed only once `value` is.
+
+  Give a cache write its new keys/values through this, with `value` the attention output
+  that read the old cache (`kernels.xla_few_queries.attention_before_cache_write`): the write
+  then depends on every read of the old cache, so XLA updates the cache in place instead of
+  copying it first for those reads (a copy of the whole layer per decode step on CPU). The
+  dependency is x + 0·isnan(any(value)): exactly x (a NaN in `value` cannot reach it), and not
+  folded away, as XLA keeps x·0 for floats.
+  """
+  zero = jnp.isnan(value).any().astype(jnp.float32) * 0.0
+  return tuple(a + zero.astype(a.dtype) for a in arrays)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels import xla_few_queries
 from kernels.attention import IMPLS as ATTENTION_IMPLS
 from kernels.attention import attention
 from models import kv_cache as kv_cache_lib
@@ -174,6 +175,16 @@ def attend(config: Config, q_BSHD, k_BTKD, v_BTKD, **mask) -> jax.Array:
   )
 
 
+def reads_cache_before_write(config: Config, q_BSHD, k_BTKD) -> bool:
+  """Whether a cached step attends before writing (`xla_few_queries.attention_before_cache_write`):
+  XLA attention on CPU for a few queries, where writing first costs a cache copy per step."""
+  return (
+    config.attention_impl in ("auto", "xla")
+    and not config.attention_interpret
+    and xla_few_queries.use_few_query_path(q_BSHD, k_BTKD)
+  )
+
+
 class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE, optional QKV bias and q/k norm."""
 
@@ -250,6 +261,22 @@ class Attention(nnx.Module):
     if cache_kv is None:
       out_BSHD = attend(
         c, q_BSHD, k_BSKD, v_BSKD, segment_ids=segment_ids_BS, positions=positions_BS
+      )
+    elif reads_cache_before_write(c, q_BSHD, cache_kv[0]):
+      out_BSHD = xla_few_queries.attention_before_cache_write(
+        q_BSHD,
+        cache_kv[0].astype(q_BSHD.dtype),
+        cache_kv[1].astype(q_BSHD.dtype),
+        k_BSKD,
+        v_BSKD,
+        positions_BS,
+        sliding_window=c.sliding_window,
+        scale=c.head_dim**-0.5,
+      )
+      k_BSKD, v_BSKD = kv_cache_lib.after(out_BSHD, k_BSKD, v_BSKD)
+      cache_kv = tuple(
+        kv_cache_lib.write(a, new, positions_BS)
+        for a, new in zip(cache_kv, (k_BSKD, v_BSKD), strict=True)
       )
     else:
       k_BTKD = kv_cache_lib.write(cache_kv[0], k_BSKD, positions_BS)
