@@ -177,10 +177,13 @@ def attend(config: Config, q_BSHD, k_BTKD, v_BTKD, **mask) -> jax.Array:
 
 def reads_cache_before_write(config: Config, q_BSHD, k_BTKD) -> bool:
   """Whether a cached step attends before writing (`xla_few_queries.attention_before_cache_write`):
-  XLA attention on CPU for a few queries, where writing first costs a cache copy per step."""
+  XLA attention on CPU for one query per row (a decode step), where writing first costs a cache
+  copy per step. Self-speculative verify passes (k + 1 queries) measured slower this way, so
+  they write first."""
   return (
     config.attention_impl in ("auto", "xla")
     and not config.attention_interpret
+    and q_BSHD.shape[1] == 1
     and xla_few_queries.use_few_query_path(q_BSHD, k_BTKD)
   )
 
