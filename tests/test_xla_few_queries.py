@@ -102,10 +102,11 @@ def test_a_cpu_decode_step_updates_the_cache_in_place(monkeypatch):
     return real(*args, **kwargs)
 
   monkeypatch.setattr(decoding, "_decode", spy)
-  prompt = np.ones((1, 24), np.int32)
-  decoding.generate(model, prompt, np.array([20]), max_new_tokens=17, cache_growth=None)
+  prompt = np.ones((1, 1008), np.int32)  # a cache of T·K·D >= 2^15 elements per layer
+  decoding.generate(model, prompt, np.array([1000]), max_new_tokens=17, cache_growth=None)
   (text,) = compiled
-  cache_shape = "f32[1,40,2,16]"  # capacity 24 + 17 - 1
+  cache_shape = "f32[1,1024,2,16]"  # capacity 1008 + 17 - 1
+  assert 1024 * 2 * 16 >= transformer.MIN_CACHE_ELEMENTS_TO_READ_FIRST
   assert cache_shape in text
   copies = [line for line in text.splitlines() if " copy(" in line and cache_shape in line]
   assert not copies, copies[:4]
