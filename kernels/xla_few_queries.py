@@ -76,9 +76,10 @@ def attention_before_cache_write(
   = position; a negative one wraps as an index, one outside [-T, T) is dropped) and then
   calling `few_query_attention` over the cache with key positions 0..T-1 (causal by position,
   optional sliding window), but it reads only the cache as it was: the slots this call does
-  not overwrite, plus the new keys themselves. Written first, the cache would be read right
-  after its in-place update, and XLA (CPU) copies a whole cache layer per decode step to do
-  that; written after this (see `models.kv_cache.after`), it is updated in place.
+  not overwrite, plus the new keys themselves. Written first, the cache is read right after
+  its in-place update, and XLA (CPU) can copy whole cache layers per decode step to do that (at
+  batch 1 it copied each layer's keys and values 4 times); written after this (see
+  `models.kv_cache.after`), it is updated in place.
 
   q_BSHD [B, S, H, D]; k_BTKD, v_BTKD [B, T, K, D] the cache before the write; k_BSKD,
   v_BSKD [B, S, K, D] the new keys and values; positions_BS int [B, S], distinct slots within
