@@ -1,10 +1,13 @@
 """Delethink end to end at CPU scale: SFT, GRPO with Delethink and with LongCoT, evaluations.
 
-    python -m benchmarks.markov_e2e [--study=full|signal|quick] [--workdir=DIR] [--verbose]
+    python -m benchmarks.markov_e2e [--study=full|signal|signal_t1|quick] [--workdir=DIR]
+        [--verbose]
 
 `--study` picks a preset of configs/markov_e2e_common.py (`--quick` is `--study=quick`):
 `full` the study below; `signal` a short task and LongCoT GRPO only (does GRPO raise held-out
-accuracy from an SFT checkpoint that solves 30-70 %?); `quick` the toy pipeline of the tests.
+accuracy from an SFT checkpoint that solves 30-70 %?); `signal_t1` the same question measured
+at the training temperature (4 samples per problem, a paired test, greedy beside it) on fresh
+test problems; `quick` the toy pipeline of the tests.
 
 Every stage is a command a user would run (`python -m train.main` / `python -m train.evaluate`
 with a config file of configs/, whose sizes all come from configs/markov_e2e_common.py), run
