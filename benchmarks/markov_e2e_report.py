@@ -188,9 +188,9 @@ def paired_test(step0_P: list[float], final_P: list[float]) -> dict:
 
 def learning_signal(by_step: dict, envs: tuple[str, ...], problems: dict | None = None) -> dict:
   """Per env: held-out accuracy at step 0 (SFT) and at the end, and the test of the change;
-  met = the end is higher at p < 0.05. `problems` (env -> (step 0's, the end's per-problem
-  accuracies), where both evaluations have them): the test is the paired one by problem (a
-  problem's samples are not independent), with the two-proportion test kept beside it."""
+  met = the end is higher at p < 0.05. `problems` (env -> `paired_problems`, or None): where
+  given, the test is the paired one by problem (a problem's samples are not independent), with
+  the two-proportion test kept beside it."""
   out = {}
   for env in envs:
     (_, p0, se0, n0), (step, p1, se1, n1) = by_step[env]["heldout"][0], by_step[env]["heldout"][-1]
@@ -216,19 +216,13 @@ def learning_signal(by_step: dict, envs: tuple[str, ...], problems: dict | None 
   return out
 
 
-def problem_accuracies(evaluation: dict, env: str, s: common.Study) -> list[float] | None:
-  """Per-problem accuracy at the training budget (None for evaluations written without it)."""
-  return curve_point(evaluation, env, training_setting(s, env)).get("problem_accuracy")
-
-
-def paired_problems(step0: dict, final: dict, envs, s: common.Study) -> dict:
-  """env -> (step 0's, the end's per-problem accuracies), where both evaluations have them."""
-  pairs = {}
-  for env in envs:
-    a, b = problem_accuracies(step0, env, s), problem_accuracies(final, env, s)
-    if a is not None and b is not None:
-      pairs[env] = (a, b)
-  return pairs
+def paired_problems(step0: dict, final: dict, env: str, s: common.Study) -> tuple | None:
+  """(step 0's, the end's) per-problem accuracies at the training budget, or None where either
+  evaluation was written without them."""
+  a, b = (
+    curve_point(e, env, training_setting(s, env)).get("problem_accuracy") for e in (step0, final)
+  )
+  return None if a is None or b is None else (a, b)
 
 
 def greedy_check(workdir: str, s: common.Study) -> dict | None:
@@ -242,7 +236,7 @@ def greedy_check(workdir: str, s: common.Study) -> dict | None:
     final = read_json(os.path.join(workdir, f"grpo_{env}", "eval_greedy.json"))
     by_step = {env: {"heldout": [[0, *at_training_budget(sft, env, s).values()]]}}
     by_step[env]["heldout"].append([s.rl_steps, *at_training_budget(final, env, s).values()])
-    out[env] = learning_signal(by_step, (env,), paired_problems(sft, final, (env,), s))[env]
+    out[env] = learning_signal(by_step, (env,), {env: paired_problems(sft, final, env, s)})[env]
   return out
 
 
@@ -419,9 +413,7 @@ def build(workdir: str, study: str, stages: list[dict], *, command: str) -> dict
     )
     r["claims"] = claims(r)
   r["accuracy_vs_rl_step"] = accuracy_vs_rl_step(workdir, s, sft_eval)
-  pairs = {}  # per env: its own RL model against the SFT model on the same problems
-  for env in envs:
-    pairs.update(paired_problems(sft_eval, rl_eval[env], (env,), s))
+  pairs = {env: paired_problems(sft_eval, rl_eval[env], env, s) for env in envs}
   r["learning_signal"] = learning_signal(r["accuracy_vs_rl_step"], envs, pairs)
   greedy = greedy_check(workdir, s)
   if greedy is not None:
