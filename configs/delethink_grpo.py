@@ -101,6 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
         dict(length=10, min_length=4, ops="+", modulus=10, max_operand=9)
       ),  # as configs/sft_traces.py's data.task_options
       prompts_per_step=4,  # (paper: 128)
+      train_problems=0,  # 0: fresh problems every step; N: cycle through N (overfitting check)
       temperature=1.0,  # (paper: 0.6)
       top_p=1.0,
       tokenizer="byte",

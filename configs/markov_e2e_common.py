@@ -401,6 +401,7 @@ def grpo_config(s: Study, env: str, init_from: str) -> ml_collections.ConfigDict
       task=s.task,
       task_options=ml_collections.ConfigDict(dict(s.task_options)),
       prompts_per_step=s.prompts_per_step,
+      train_problems=0,  # fresh problems every step (N: cycle through N, the overfitting check)
       temperature=s.rl_temperature,
       top_p=1.0,
       tokenizer="byte",

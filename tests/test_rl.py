@@ -115,6 +115,7 @@ MALFORMED = [
   ("rl.task", "no_such_task", "rl.task='no_such_task'"),
   ("rl.task_options.lenght", 3, "lenght"),
   ("rl.prompts_per_step", 0, "rl.prompts_per_step=0"),
+  ("rl.train_problems", -1, "rl.train_problems=-1"),
   ("rl.temperature", 0.0, "rl.temperature=0.0"),
   ("rl.top_p", 1.5, "rl.top_p=1.5"),
   ("rl.tokenizer", "/no/tokenizer.json", "rl.tokenizer='/no/tokenizer.json'"),

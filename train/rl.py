@@ -252,7 +252,9 @@ def train_and_evaluate(config, workdir: str, *, run, devices) -> dict:
   )
   task = make_task(config.rl.task, **dict(config.rl.task_options))
   prompter = Prompter(config.rl)
-  problems = ProblemIterator(task, split="train", seed=int(config.seed))
+  problems = ProblemIterator(
+    task, split="train", seed=int(config.seed), pool=int(config.rl.train_problems)
+  )
   stream = _Stream(problems)
   with main_lib._ClosingAll() as closing:
     writer = closing.add(metrics_lib.MetricsWriter(workdir, enabled=is_main))

@@ -11,6 +11,8 @@ The `rl` section (configs/delethink_grpo.py shows every field):
     budget            LongCoT: tokens of its one chunk
     task              adaptive.tasks name ("long_sum", "rg:NAME", ...); task_options its options
     prompts_per_step  problems drawn from the task's train split per RL step (P)
+    train_problems    0: every drawn problem is new; N: cycle through the split's first N
+                      problems (the overfitting check: does the training reward rise?)
     temperature, top_p   sampling of the rollouts
     tokenizer         "byte" or a Hugging Face tokenizer.json path
     chat_template     "auto" (plain for the byte tokenizer, else the tokenizer.json directory's
@@ -42,6 +44,7 @@ RL_FIELDS = (
   "task",
   "task_options",
   "prompts_per_step",
+  "train_problems",
   "temperature",
   "top_p",
   "tokenizer",
@@ -104,6 +107,7 @@ def validate(config, *, dp: int, process_count: int) -> int:
   else:
     _int(rl, "budget", 1)
   _int(rl, "prompts_per_step", 1)
+  _int(rl, "train_problems", 0)
   t = rl.temperature
   if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
     _fail("temperature", t, "must be a finite number > 0 (GRPO needs sampled groups)")
