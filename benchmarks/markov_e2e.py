@@ -362,9 +362,14 @@ def main(argv=None) -> dict:
   return result
 
 
-if __name__ == "__main__":
+def run_cli(main_fn) -> None:
+  """Runs a staged benchmark's main; a reused workdir or a failed stage is one clear message."""
   try:
-    main()
-  except (ValueError, RuntimeError) as e:  # a reused workdir, a failed stage: one clear message
+    main_fn()
+  except (ValueError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+if __name__ == "__main__":
+  run_cli(main)

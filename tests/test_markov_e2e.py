@@ -20,7 +20,7 @@ import sys
 import pytest
 from cli_env import environment, finish
 
-from benchmarks import markov_e2e, markov_e2e_report
+from benchmarks import grpo_overfit, markov_e2e, markov_e2e_report
 from configs import markov_e2e_common as common
 from configs import markov_e2e_delethink, markov_e2e_longcot, markov_e2e_sft
 from train import config_lib
@@ -59,9 +59,10 @@ CLAIMS = (
 )
 
 
-def run_quick(workdir):
+def run_benchmark(module: str, *argv: str) -> str:
+  """`python -m benchmarks.MODULE ARGV...` as a user runs it; its output (it must succeed)."""
   proc = subprocess.Popen(
-    [sys.executable, "-m", "benchmarks.markov_e2e", "--quick", f"--workdir={workdir}"],
+    [sys.executable, "-m", f"benchmarks.{module}", *argv],
     cwd=ROOT,
     env=environment(1),
     stdout=subprocess.PIPE,
@@ -70,6 +71,11 @@ def run_quick(workdir):
   )
   code, out = finish(proc, timeout=600)
   assert code == 0, out[-4000:]
+  return out
+
+
+def run_quick(workdir):
+  out = run_benchmark("markov_e2e", "--quick", f"--workdir={workdir}")
   with open(workdir / "markov_e2e.json") as f:
     return json.load(f), out
 
@@ -363,3 +369,54 @@ def test_the_sampled_signal_preset_adds_greedy_evaluations_and_their_paired_test
   assert g["difference"] == pytest.approx(0.5) and g["problems_up"] == 2
   assert g["difference_stderr"] == pytest.approx(math.sqrt(1 / 3 / 4))  # d = (1, 1, 0, 0)
   assert markov_e2e_report.greedy_check(str(tmp_path), common.SIGNAL) is None
+
+
+# ----------------------------------------------------------------------------- grpo_overfit
+
+
+def test_grpo_overfit_trains_each_pool_from_the_studys_sft_and_reports_it(quick):
+  workdir = quick[0]
+  out_dir = workdir / "overfit"
+  out = run_benchmark(
+    "grpo_overfit",
+    "--study=quick",
+    f"--study_workdir={workdir}",
+    f"--workdir={out_dir}",
+    "--pools=1,3",
+    "--steps=2",
+    "--window=1",
+  )
+  with open(out_dir / "markov_e2e_overfit.json") as f:  # --quick writes under its workdir
+    r = json.load(f)
+  s = common.QUICK
+  assert [run["pool"] for run in r["runs"]] == [1, 3]
+  for run in r["runs"]:
+    assert len(run["reward_by_step"]) == 2 and all(0 <= x <= 1 for x in run["reward_by_step"])
+    assert run["reward_change"] == run["reward_by_step"][1] - run["reward_by_step"][0]
+    assert run["visits_per_problem"] == 2 * s.prompts_per_step / run["pool"]
+    assert run["heldout"]["n"] == s.heldout and 0 <= run["heldout"]["accuracy"] <= 1
+    # The run cycled through its pool: its checkpointed problem stream says so.
+    with open(out_dir / f"pool{run['pool']}" / "checkpoints" / "2" / "data" / "metadata") as f:
+      (stream,) = json.load(f)["states"]
+    assert stream["problems"]["pool"] == run["pool"]
+    assert stream["problems"]["consumed"] == 2 * s.prompts_per_step
+  fresh = r["fresh_problems"]  # the quick study's own GRPO run on fresh problems
+  assert fresh["pool"] is None and len(fresh["reward_by_step"]) == s.rl_steps
+  assert r["sft_heldout"]["n"] == s.heldout and r["settings"]["prompts_per_step"] == 2
+  assert (out_dir / "markov_e2e_overfit.png").exists() == (r["png"] is not None)
+  assert "pool 1: training reward" in out
+
+
+@pytest.mark.parametrize(
+  "argv,message",
+  [
+    (["--pools=0"], "--pools=(0,)"),
+    (["--pools=a"], "--pools='a'"),
+    (["--steps=1"], "--steps=1"),
+    (["--study_workdir=/no/such/dir"], "no finished SFT stage there"),
+  ],
+)
+def test_grpo_overfit_rejects_bad_arguments(argv, message, capsys):
+  with pytest.raises(SystemExit):
+    grpo_overfit.parse_args(["--study_workdir=/no/such/dir", *argv])
+  assert message in capsys.readouterr().err
