@@ -1,6 +1,6 @@
 """Does GRPO learn the problems it trains on? Training reward on a fixed pool against fresh ones.
 
-    python -m benchmarks.grpo_overfit [--study=signal_t1] [--pools=16,128] [--steps=30]
+    python -m benchmarks.grpo_overfit [--study=signal_t1] [--pools=16,128,512] [--steps=30]
         [--study_workdir=/tmp/NAME] [--workdir=/tmp/NAME_overfit] [--verbose]
 
 Issue #10's learning-signal check found no held-out gain from 50 GRPO steps
@@ -187,7 +187,7 @@ def plot(r: dict, path: str) -> bool:
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--study", choices=sorted(common.STUDIES), default="signal_t1")
-  p.add_argument("--pools", default="16,128", help="comma-separated pool sizes (problems)")
+  p.add_argument("--pools", default="16,128,512", help="comma-separated pool sizes (problems)")
   p.add_argument("--steps", type=int, default=30, help="GRPO steps of every pool run")
   p.add_argument("--window", type=int, default=5, help="steps averaged at the start and the end")
   p.add_argument("--study_workdir", default=None, help="the markov_e2e study's workdir")
