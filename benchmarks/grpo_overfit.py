@@ -111,9 +111,8 @@ def build(workdir: str, study_workdir: str, study: str, pools, steps: int, windo
   if os.path.exists(os.path.join(fresh_dir, "eval.json")):
     records = report.read_metrics(fresh_dir)[:steps]  # the same number of steps as the pools
     fresh = {"pool": None, "visits_per_problem": 1.0} | reward_summary(records, window)
-    fresh["heldout_after_all_steps"] = heldout(
-      report.read_json(os.path.join(fresh_dir, "eval.json")), sft, s
-    )
+    # Its held-out accuracy is the study's, after all of its steps (rl_steps_of_heldout).
+    fresh["heldout"] = heldout(report.read_json(os.path.join(fresh_dir, "eval.json")), sft, s)
     fresh["rl_steps_of_heldout"] = s.rl_steps
   return {
     "benchmark": "GRPO training reward on a fixed pool of problems vs fresh problems, "
@@ -160,14 +159,11 @@ def plot(r: dict, path: str) -> bool:
   left.set_ylabel(f"training reward (sampled, T = {r['settings']['temperature']:g})")
   left.set_title("reward on the problems trained on", fontsize=10)
 
-  names, points = ["SFT"], [r["sft_heldout"]]
-  for label, run in series:
-    if run["pool"] is None:
-      names.append(f"fresh problems\n({run['rl_steps_of_heldout']} steps)")
-      points.append(run["heldout_after_all_steps"])
-    else:
-      names.append(label)
-      points.append(run["heldout"])
+  names = ["SFT"] + [
+    label if run["pool"] else f"fresh problems\n({run['rl_steps_of_heldout']} steps)"
+    for label, run in series
+  ]
+  points = [r["sft_heldout"]] + [run["heldout"] for _, run in series]
   accuracy = [p["accuracy"] for p in points]
   errors = [p.get("problem_stderr", p["stderr"]) for p in points]
   right.bar(range(len(names)), accuracy, yerr=errors, capsize=4, color="tab:gray")
@@ -236,7 +232,7 @@ def main(argv=None) -> dict:
   with open(args.out, "w") as f:
     json.dump(r, f, indent=2)
   for run in [*r["runs"], *([r["fresh_problems"]] if r["fresh_problems"] else [])]:
-    point = run.get("heldout") or run["heldout_after_all_steps"]
+    point = run["heldout"]
     paired = point.get("paired_vs_sft", {})
     print(
       f"pool {run['pool'] or 'fresh'}: training reward {run['reward_first']:.3f} -> "
